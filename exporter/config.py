@@ -1,0 +1,353 @@
+"""Configuration: every option as a CLI flag, an environment variable and a YAML key.
+
+The ``Config`` dataclass is the one list of options. Each field carries its
+flag's help text, group and parser, so the CLI, the environment, the YAML
+file and the documentation cannot disagree. Precedence is CLI, then
+environment (``CELERY_EXPORTER_<KEY>``), then the file, then the default.
+Any mistake raises ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .metrics import DEFAULT_RUNTIME_BUCKETS, DEFAULT_WAIT_BUCKETS
+
+ENV_PREFIX = "CELERY_EXPORTER_"
+PROG = "celery-events-exporter"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, worded for a one-line message."""
+
+
+Parser = Callable[[Any], Any]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"expected text, got {value!r}")
+    return str(value)
+
+
+def _integer(low: int, high: int | None = None) -> Parser:
+    def parse(value: Any) -> int:
+        try:
+            number = int(value) if not isinstance(value, bool | float) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number < low or (high is not None and number > high):
+            bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise ValueError(f"expected an integer {bounds}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _number(low: float = 0.0, high: float | None = None) -> Parser:
+    def parse(value: Any) -> float:
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not low <= number <= (high if high is not None else float("inf")):
+            bounds = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+            raise ValueError(f"expected a number {bounds}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _items(value: Any) -> list[Any]:
+    """A list from YAML, from repeated flags, or from comma-separated text."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, list | tuple):
+        return [item for part in value for item in (_items(part) if isinstance(part, str)
+                                                    else [part])]
+    raise ValueError(f"expected a list, got {value!r}")
+
+
+def _text_list(value: Any) -> tuple[str, ...]:
+    return tuple(_text(item) for item in _items(value))
+
+
+def _buckets(value: Any) -> tuple[float, ...]:
+    bounds = [_number(low=1e-9)(item) for item in _items(value)]
+    if not bounds or bounds != sorted(set(bounds)):
+        raise ValueError(f"expected increasing positive numbers, got {value!r}")
+    return tuple(bounds)
+
+
+def _pairs(value: Any, convert: Callable[[str], Any]) -> dict[str, Any]:
+    """``key=value`` items (or a YAML mapping) into a dict."""
+    if isinstance(value, Mapping):
+        return {_text(key): item for key, item in value.items()}
+    pairs = {}
+    for item in _items(value):
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value, got {item!r}")
+        pairs[key.strip()] = convert(text.strip())
+    return pairs
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _labels(value: Any) -> dict[str, str]:
+    labels = {key: _text(item) for key, item in _pairs(value, str).items()}
+    for key in labels:
+        if not key.isidentifier() or key.startswith("__"):
+            raise ValueError(f"{key!r} is not a valid Prometheus label name")
+    return labels
+
+
+def _options(value: Any) -> dict[str, Any]:
+    return _pairs(value, _json_or_text)
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    parse: Parser = _text,
+    metavar: str | None = None,
+    repeat: bool = False,
+) -> Any:
+    """A ``Config`` field with what the CLI, environment and file need to know."""
+    metadata = {"help": help, "group": group, "parse": parse, "metavar": metavar,
+                "repeat": repeat}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+BROKER, EVENTS, TASKS, WORKERS, QUEUES, METRICS, HTTP, TRACING, LOGS, RUN = (
+    "broker", "events", "task tracking", "workers", "queues", "metrics", "HTTP endpoint",
+    "tracing", "logging", "running",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's validated configuration."""
+
+    broker_url: str = option(
+        "", "Broker URL: redis://, rediss://, sentinel://, amqp://, amqps:// or filesystem://. "
+        "Required unless --demo.", group=BROKER, metavar="URL")
+    broker_transport_options: dict[str, Any] = option(
+        {}, "kombu transport option key=value (repeatable); values parse as JSON where they "
+        "can, e.g. master_name=mymaster, global_keyprefix=app:.", group=BROKER,
+        parse=_options, metavar="KEY=VALUE", repeat=True)
+    broker_ssl_options: dict[str, Any] = option(
+        {}, "TLS option key=value for rediss:// and amqps:// (repeatable), e.g. "
+        "ca_certs=/etc/ssl/ca.pem, certfile=..., keyfile=..., cert_reqs=CERT_REQUIRED.",
+        group=BROKER, parse=_options, metavar="KEY=VALUE", repeat=True)
+    events_exchange: str = option(
+        "celeryev", "Exchange the workers publish events to (Celery's event_exchange).",
+        group=EVENTS, metavar="NAME")
+    event_queue_ttl: float = option(
+        5.0, "AMQP: seconds an event may wait in the receiving queue (x-message-ttl).",
+        group=EVENTS, parse=_number(0.001), metavar="SECONDS")
+    event_queue_expires: float = option(
+        60.0, "AMQP: seconds the receiving queue outlives a lost connection (x-expires).",
+        group=EVENTS, parse=_number(1.0), metavar="SECONDS")
+    max_tracked_tasks: int = option(
+        100_000, "In-flight tasks to remember; the least recently seen are evicted past it.",
+        group=TASKS, parse=_integer(1), metavar="N")
+    default_queue: str = option(
+        "celery", "Queue label for tasks whose queue was never seen in a task-sent event.",
+        group=TASKS, metavar="NAME")
+    worker_timeout: float = option(
+        30.0, "Seconds without a heartbeat before a worker counts as down.",
+        group=WORKERS, parse=_number(1.0), metavar="SECONDS")
+    purge_offline_after: float = option(
+        600.0, "Seconds without a heartbeat before all of a worker's series are removed.",
+        group=WORKERS, parse=_number(1.0), metavar="SECONDS")
+    runtime_buckets: tuple[float, ...] = option(
+        DEFAULT_RUNTIME_BUCKETS, "Bucket bounds (seconds) of celery_task_runtime_seconds.",
+        group=METRICS, parse=_buckets, metavar="S,S,...")
+    wait_buckets: tuple[float, ...] = option(
+        DEFAULT_WAIT_BUCKETS, "Bucket bounds (seconds) of the queue and prefetch wait "
+        "histograms.", group=METRICS, parse=_buckets, metavar="S,S,...")
+    static_labels: dict[str, str] = option(
+        {}, "Constant label key=value added to every series (repeatable).",
+        group=METRICS, parse=_labels, metavar="KEY=VALUE", repeat=True)
+    max_label_values: int = option(
+        1000, "Distinct values per label (task name, hostname, queue, exception) before new "
+        "ones are exported as 'other'.", group=METRICS, parse=_integer(1), metavar="N")
+    host: str = option("0.0.0.0", "Address to serve HTTP on.", group=HTTP, metavar="ADDRESS")
+    port: int = option(9808, "Port to serve HTTP on.", group=HTTP, parse=_integer(1, 65535),
+                       metavar="PORT")
+    log_level: str = option("info", "Log level.", group=LOGS,
+                            parse=_choice("debug", "info", "warning", "error"), metavar="LEVEL")
+    log_format: str = option("text", "Log format: text, or json (one object per line).",
+                             group=LOGS, parse=_choice("text", "json"), metavar="FORMAT")
+    demo: bool = option(False, "Run a demo cluster (a real Celery worker on a temporary "
+                        "filesystem broker, and a client sending tasks) and export it.",
+                        group=RUN, parse=_boolean)
+
+    @classmethod
+    def options(cls) -> tuple[dataclasses.Field, ...]:
+        return dataclasses.fields(cls)
+
+    def masked_broker_url(self) -> str:
+        return mask_url(self.broker_url)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced, for logs and pages."""
+    masked = []
+    for part in url.split(";"):
+        scheme, sep, rest = part.partition("://")
+        userinfo, at, hostpart = rest.rpartition("@")
+        if sep and at and ":" in userinfo:
+            user = userinfo.split(":", 1)[0]
+            part = f"{scheme}://{user}:****@{hostpart}"
+        masked.append(part)
+    return ";".join(masked)
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    """``--static-label`` for ``static_labels``: a repeatable flag names one item."""
+    flag = "--" + name.replace("_", "-")
+    return flag.removesuffix("s") if Config.__dataclass_fields__[name].metadata["repeat"] else flag
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage mistake as one line, like every other configuration error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Export Celery's event stream as Prometheus metrics.",
+        epilog=f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION> "
+        "(e.g. CELERY_EXPORTER_BROKER_URL) or as a key of the --config file (e.g. broker_url). "
+        "Precedence: flags, then environment, then file, then defaults.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"YAML file of options (also {ENV_PREFIX}CONFIG).")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for spec in Config.options():
+        meta = spec.metadata
+        group = groups.get(meta["group"])
+        if group is None:
+            group = groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = meta["help"] + (f" [default: {shown}]" if shown not in ("", {}) else "")
+        help_text = help_text.replace("%", "%%")
+        if meta["parse"] is _boolean:
+            group.add_argument(flag_name(spec.name), dest=spec.name, help=help_text,
+                               action=argparse.BooleanOptionalAction)
+        else:
+            group.add_argument(flag_name(spec.name), dest=spec.name, help=help_text,
+                               metavar=meta["metavar"],
+                               action="append" if meta["repeat"] else "store")
+    return parser
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """The configuration from flags, environment and file; ``ConfigError`` on any mistake."""
+    environ = os.environ if environ is None else environ
+    cli = vars(build_parser().parse_args(argv))
+    known = {spec.name: spec for spec in Config.options()}
+
+    env = {}
+    for variable, value in environ.items():
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        name = variable[len(ENV_PREFIX):].lower()
+        if name != "config" and name not in known:
+            raise ConfigError(f"unknown environment variable {variable}{_suggest(name, known)}")
+        env[name] = value
+
+    path = cli.pop("config", None) or env.pop("config", None)
+    file_values = _read_file(path, known) if path else {}
+
+    values = {}
+    for name, spec in known.items():
+        for source, layer in ((flag_name(name), cli), (env_name(name), env), (path, file_values)):
+            if name in layer:
+                try:
+                    values[name] = spec.metadata["parse"](layer[name])
+                except ValueError as exc:
+                    raise ConfigError(f"{name}: {exc} (from {source})") from None
+                break
+    config = Config(**values)
+    if not config.broker_url and not config.demo:
+        raise ConfigError(f"broker_url: required: set {flag_name('broker_url')}, "
+                          f"{env_name('broker_url')} or broker_url in --config (or use --demo)")
+    return config
+
+
+def _read_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = yaml.safe_load(stream)
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"config: {path} is not valid YAML{line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of option: value")
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown key in {path}{_suggest(str(key), known)}")
+    return data
+
+
+def _suggest(name: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""

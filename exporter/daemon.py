@@ -1,0 +1,91 @@
+"""Wiring: broker → decode → track → metrics → HTTP, and a clean stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from . import __version__, redis_pubsub
+from .config import Config
+from .decode import REASONS
+from .health import Health
+from .metrics import Metrics
+from .pipeline import UNPROCESSABLE, Pipeline
+from .receiver import KombuReceiver, Receiver
+from .tracker import Tracker
+from .web import ExporterServer, Status, WorkerStatus, serve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Daemon:
+    """The parts of a running exporter, built from a ``Config``."""
+
+    config: Config
+    registry: CollectorRegistry
+    metrics: Metrics
+    health: Health
+    tracker: Tracker
+    receiver: Receiver
+
+    @classmethod
+    def build(cls, config: Config) -> Daemon:
+        metrics = Metrics(runtime_buckets=config.runtime_buckets,
+                          wait_buckets=config.wait_buckets,
+                          static_labels=config.static_labels)
+        metrics.gauge("celery_exporter_build_info").set((__version__,), 1)
+        for reason in (*REASONS, UNPROCESSABLE):
+            metrics.counter("celery_exporter_events_invalid_total").inc((reason,), 0)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(metrics)
+        health = Health(metrics, config.masked_broker_url())
+        tracker = Tracker(metrics, max_tracked_tasks=config.max_tracked_tasks,
+                          default_queue=config.default_queue,
+                          worker_timeout=config.worker_timeout,
+                          purge_offline_after=config.purge_offline_after,
+                          max_label_values=config.max_label_values)
+        pipeline = Pipeline(tracker, health, metrics)
+        receiver_class = (redis_pubsub.RedisReceiver if redis_pubsub.handles(config.broker_url)
+                          else KombuReceiver)
+        receiver = receiver_class(config, pipeline, health)
+        return cls(config, registry, metrics, health, tracker, receiver)
+
+    def status(self) -> Status:
+        health = self.health
+        workers = tuple(
+            WorkerStatus(w.hostname, w.up, w.last_seen, w.info[1])
+            for w in sorted(list(self.tracker.workers.workers.values()),
+                            key=lambda w: w.hostname)
+        )
+        return Status(broker=health.broker, connected=health.connected, alive=health.alive(),
+                      last_error=health.last_error, started_at=health.started_at,
+                      events_received=health.events_received,
+                      last_event_at=health.last_event_at, workers=workers)
+
+    def serve(self) -> ExporterServer:
+        server = serve(self.config.host, self.config.port, self.registry, self.status)
+        log.info("serving metrics on http://%s:%d/metrics", self.config.host,
+                 server.server_address[1])
+        return server
+
+    def run(self) -> None:
+        """Serve and receive until SIGTERM or SIGINT."""
+        server = self.serve()
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._on_signal)
+        try:
+            self.receiver.run()
+        finally:
+            server.shutdown()
+            server.server_close()
+            log.info("stopped")
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self.receiver.stop()

@@ -1,0 +1,275 @@
+"""Every metric the daemon exports, and the storage behind them.
+
+All names, help texts and label sets live in ``METRICS``: the README's
+reference, the dashboards' tests and the code read the same table.
+
+The storage is deliberately plain: a family is a dict from label values to
+a number (or to a list of bucket counts), written by the single event thread
+and copied atomically by the scrape thread. That keeps an increment at one
+dict operation and a scrape independent of the broker.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+# Defaults reach from a millisecond to an hour: Celery tasks span all of it.
+DEFAULT_RUNTIME_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
+DEFAULT_WAIT_BUCKETS = DEFAULT_RUNTIME_BUCKETS
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+TASK = ("name", "hostname", "queue")
+TASK_EXC = ("name", "hostname", "queue", "exception")
+NAME_QUEUE = ("name", "queue")
+HOST = ("hostname",)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported family: its full name (counters end in ``_total``)."""
+
+    name: str
+    kind: str
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    # Tasks, from the event stream.
+    MetricSpec("celery_task_sent_total", COUNTER,
+               "Tasks published by clients (task-sent events).", NAME_QUEUE),
+    MetricSpec("celery_task_received_total", COUNTER,
+               "Tasks received by a worker.", TASK),
+    MetricSpec("celery_task_started_total", COUNTER,
+               "Tasks started by a worker.", TASK),
+    MetricSpec("celery_task_succeeded_total", COUNTER,
+               "Tasks that succeeded.", TASK),
+    MetricSpec("celery_task_failed_total", COUNTER,
+               "Tasks that failed, by exception class.", TASK_EXC),
+    MetricSpec("celery_task_retried_total", COUNTER,
+               "Task retries, by the exception that caused them.", TASK_EXC),
+    MetricSpec("celery_task_rejected_total", COUNTER,
+               "Tasks rejected by a worker.", TASK),
+    MetricSpec("celery_task_revoked_total", COUNTER,
+               "Tasks revoked, terminated or expired.", TASK),
+    MetricSpec("celery_task_runtime_seconds", HISTOGRAM,
+               "Run time of succeeded tasks, as measured by the worker.", NAME_QUEUE),
+    MetricSpec("celery_task_prefetch_wait_seconds", HISTOGRAM,
+               "Time from task-received to task-started (waiting in the worker).", NAME_QUEUE),
+    MetricSpec("celery_task_queue_wait_seconds", HISTOGRAM,
+               "Time from task-sent (or its ETA, if later) to task-started.", NAME_QUEUE),
+    # Workers, from heartbeats.
+    MetricSpec("celery_worker_up", GAUGE,
+               "1 while the worker's heartbeats arrive, 0 once they stop or it goes offline.",
+               HOST),
+    MetricSpec("celery_worker_last_heartbeat_timestamp_seconds", GAUGE,
+               "Arrival time of the worker's last heartbeat (Unix time).", HOST),
+    MetricSpec("celery_worker_tasks_active", GAUGE,
+               "Tasks executing on the worker, from its last heartbeat.", HOST),
+    MetricSpec("celery_worker_tasks_prefetched", GAUGE,
+               "Tasks received by the worker and not yet started.", HOST),
+    MetricSpec("celery_worker_tasks_processed_total", COUNTER,
+               "Tasks the worker has processed since it started, from its heartbeat.", HOST),
+    MetricSpec("celery_worker_info", GAUGE,
+               "Worker software, always 1.", ("hostname", "sw_ident", "sw_ver", "sw_sys")),
+    # Queues, from broker probes.
+    MetricSpec("celery_queue_length", GAUGE,
+               "Messages waiting in the queue, priority sub-queues included.", ("queue",)),
+    MetricSpec("celery_queue_consumers", GAUGE,
+               "Consumers of the queue, where the broker reports them.", ("queue",)),
+    MetricSpec("celery_exporter_queue_probe_errors_total", COUNTER,
+               "Queue probes that failed or timed out.", ("queue",)),
+    MetricSpec("celery_exporter_queue_probe_duration_seconds", HISTOGRAM,
+               "Duration of one queue probe."),
+    # The exporter itself.
+    MetricSpec("celery_exporter_events_total", COUNTER,
+               "Events received, by type (unknown types count as 'other').", ("type",)),
+    MetricSpec("celery_exporter_events_invalid_total", COUNTER,
+               "Messages or events dropped as invalid, by reason.", ("reason",)),
+    MetricSpec("celery_exporter_event_lag_seconds", HISTOGRAM,
+               "Arrival time minus the event's own timestamp."),
+    MetricSpec("celery_exporter_broker_connected", GAUGE,
+               "1 while connected to the broker."),
+    MetricSpec("celery_exporter_broker_reconnects_total", COUNTER,
+               "Connections to the broker lost (each followed by reconnection attempts)."),
+    MetricSpec("celery_exporter_tracked_tasks", GAUGE,
+               "Tasks in flight held in the task table."),
+    MetricSpec("celery_exporter_tracked_tasks_evicted_total", COUNTER,
+               "Unfinished tasks evicted from the full task table."),
+    MetricSpec("celery_exporter_label_values_folded_total", COUNTER,
+               "Label values beyond --max-label-values, exported as 'other'.", ("label",)),
+    MetricSpec("celery_exporter_build_info", GAUGE,
+               "The exporter's version, always 1.", ("version",)),
+)  # fmt: skip
+
+SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
+
+LabelValues = tuple[str, ...]
+
+
+class Counter:
+    """Monotonic values per label set."""
+
+    def __init__(self, spec: MetricSpec) -> None:
+        self.spec = spec
+        self.values: dict[LabelValues, float] = {}
+
+    def inc(self, labels: LabelValues = (), amount: float = 1.0) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0.0) + amount
+
+    def set_total(self, labels: LabelValues, value: float) -> None:
+        """Mirror a total counted elsewhere (a worker's own processed count)."""
+        self.values[labels] = value
+
+    def get(self, labels: LabelValues = ()) -> float:
+        return self.values.get(labels, 0.0)
+
+
+class Gauge(Counter):
+    """A value per label set that may go up and down."""
+
+    def set(self, labels: LabelValues, value: float) -> None:
+        self.values[labels] = value
+
+
+class Histogram:
+    """Bucket counts per label set; the last two slots hold +Inf and the sum."""
+
+    def __init__(self, spec: MetricSpec, bounds: Sequence[float]) -> None:
+        self.spec = spec
+        self.bounds = tuple(bounds)
+        self.values: dict[LabelValues, list[float]] = {}
+
+    def observe(self, labels: LabelValues, value: float) -> None:
+        series = self.values.get(labels)
+        if series is None:
+            series = self.values[labels] = [0] * (len(self.bounds) + 1) + [0.0]
+        series[bisect_left(self.bounds, value)] += 1
+        series[-1] += value
+
+    def count(self, labels: LabelValues = ()) -> int:
+        series = self.values.get(labels)
+        return sum(series[:-1]) if series else 0
+
+
+Family = Counter | Gauge | Histogram
+
+
+class Metrics(Collector):
+    """The daemon's metric families, exposed as one Prometheus collector.
+
+    ``static_labels`` are added to every series at exposition time, so the
+    per-event path never sees them.
+    """
+
+    def __init__(
+        self,
+        *,
+        runtime_buckets: Sequence[float] = DEFAULT_RUNTIME_BUCKETS,
+        wait_buckets: Sequence[float] = DEFAULT_WAIT_BUCKETS,
+        static_labels: Mapping[str, str] | None = None,
+    ) -> None:
+        buckets = {
+            "celery_task_runtime_seconds": runtime_buckets,
+            "celery_task_prefetch_wait_seconds": wait_buckets,
+            "celery_task_queue_wait_seconds": wait_buckets,
+            "celery_exporter_event_lag_seconds": LAG_BUCKETS,
+            "celery_exporter_queue_probe_duration_seconds": PROBE_BUCKETS,
+        }
+        self.static_labels = dict(static_labels or {})
+        self.families: dict[str, Family] = {}
+        for spec in METRICS:
+            if spec.kind == HISTOGRAM:
+                self.families[spec.name] = Histogram(spec, buckets[spec.name])
+            elif spec.kind == GAUGE:
+                self.families[spec.name] = Gauge(spec)
+            else:
+                self.families[spec.name] = Counter(spec)
+        # Families without labels exist from the start, so they read 0, not absent.
+        for family in self.families.values():
+            if not family.spec.labels and not isinstance(family, Histogram):
+                family.values[()] = 0.0
+
+    def counter(self, name: str) -> Counter:
+        family = self.families[name]
+        assert type(family) is Counter, name
+        return family
+
+    def gauge(self, name: str) -> Gauge:
+        family = self.families[name]
+        assert type(family) is Gauge, name
+        return family
+
+    def histogram(self, name: str) -> Histogram:
+        family = self.families[name]
+        assert type(family) is Histogram, name
+        return family
+
+    def forget(self, label: str, value: str) -> None:
+        """Drop every series whose ``label`` is ``value`` (a purged worker)."""
+        for family in self.families.values():
+            if label in family.spec.labels:
+                index = family.spec.labels.index(label)
+                for key in [key for key in list(family.values) if key[index] == value]:
+                    family.values.pop(key, None)
+
+    def collect(self) -> Iterator[Metric]:
+        extra_names = tuple(self.static_labels)
+        extra_values = tuple(self.static_labels.values())
+        for family in self.families.values():
+            spec = family.spec
+            labels = list(spec.labels + extra_names)
+            # Copy first: the event thread may add series while we render.
+            items = list(family.values.items())
+            if isinstance(family, Histogram):
+                yield _histogram_family(spec, labels, family.bounds, items, extra_values)
+                continue
+            if isinstance(family, Gauge):
+                metric: Metric = GaugeMetricFamily(spec.name, spec.help, labels=labels)
+            else:
+                metric = CounterMetricFamily(spec.name[: -len("_total")], spec.help,
+                                             labels=labels)
+            for key, value in items:
+                metric.add_metric(key + extra_values, value)
+            yield metric
+
+
+def _histogram_family(
+    spec: MetricSpec,
+    labels: list[str],
+    bounds: tuple[float, ...],
+    items: Iterable[tuple[LabelValues, list[float]]],
+    extra_values: LabelValues,
+) -> HistogramMetricFamily:
+    metric = HistogramMetricFamily(spec.name, spec.help, labels=labels)
+    edges = [_bound_text(bound) for bound in bounds] + ["+Inf"]
+    for key, series in items:
+        series = list(series)
+        cumulative, buckets = 0.0, []
+        for edge, count in zip(edges, series, strict=False):
+            cumulative += count
+            buckets.append((edge, cumulative))
+        metric.add_metric(list(key + extra_values), buckets, series[-1])
+    return metric
+
+
+def _bound_text(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))

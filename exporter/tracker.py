@@ -1,0 +1,251 @@
+"""From validated events to metric updates.
+
+A bounded LRU table of in-flight tasks keeps what later events need but do
+not carry: only ``task-sent`` and ``task-received`` name the task, only
+``task-sent`` names its queue. Finished tasks leave the table at once, so
+it holds only what is really in flight (plus what it never saw finish).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from .labels import OTHER, LabelLimiter
+from .metrics import Metrics
+from .workers import WorkerTracker
+
+UNKNOWN = "unknown"
+Event = dict[str, Any]
+
+
+class Task:
+    """One in-flight task: the fields later events refer back to."""
+
+    __slots__ = ("eta", "name", "prefetched_on", "queue", "received", "sent")
+
+    def __init__(self, name: str, queue: str) -> None:
+        self.name = name
+        self.queue = queue
+        self.sent: float | None = None
+        self.eta: float | None = None
+        self.received: float | None = None
+        self.prefetched_on: str | None = None
+
+
+class Tracker:
+    """Applies each event to the task table, the workers and the metrics."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        max_tracked_tasks: int,
+        default_queue: str,
+        worker_timeout: float,
+        purge_offline_after: float,
+        max_label_values: int,
+    ) -> None:
+        self.metrics = metrics
+        self.max_tracked_tasks = max_tracked_tasks
+        self.default_queue = default_queue
+        self.tasks: OrderedDict[str, Task] = OrderedDict()
+        self.workers = WorkerTracker(metrics, timeout=worker_timeout,
+                                     purge_after=purge_offline_after)
+        self.label = LabelLimiter(max_label_values,
+                                  metrics.counter("celery_exporter_label_values_folded_total"))
+        self._queue_by_name: dict[str, str] = {}
+        self._prefetched: dict[str, int] = {}
+        counter, histogram = metrics.counter, metrics.histogram
+        self._events = counter("celery_exporter_events_total")
+        self._lag = histogram("celery_exporter_event_lag_seconds")
+        self._sent = counter("celery_task_sent_total")
+        self._received = counter("celery_task_received_total")
+        self._started = counter("celery_task_started_total")
+        self._succeeded = counter("celery_task_succeeded_total")
+        self._failed = counter("celery_task_failed_total")
+        self._retried = counter("celery_task_retried_total")
+        self._rejected = counter("celery_task_rejected_total")
+        self._revoked = counter("celery_task_revoked_total")
+        self._runtime = histogram("celery_task_runtime_seconds")
+        self._prefetch_wait = histogram("celery_task_prefetch_wait_seconds")
+        self._queue_wait = histogram("celery_task_queue_wait_seconds")
+        self._prefetched_gauge = metrics.gauge("celery_worker_tasks_prefetched")
+        self._tracked = metrics.gauge("celery_exporter_tracked_tasks")
+        self._evicted = counter("celery_exporter_tracked_tasks_evicted_total")
+        self._handlers: dict[str, Callable[[Event, float], None]] = {
+            "task-sent": self._on_sent,
+            "task-received": self._on_received,
+            "task-started": self._on_started,
+            "task-succeeded": self._on_succeeded,
+            "task-failed": self._on_failed,
+            "task-retried": self._on_retried,
+            "task-rejected": self._on_rejected,
+            "task-revoked": self._on_revoked,
+            "worker-online": self._on_heartbeat,
+            "worker-heartbeat": self._on_heartbeat,
+            "worker-offline": self._on_offline,
+        }
+
+    def handle(self, event: Event, arrival: float) -> None:
+        """Apply one event that passed ``decode.check_event``."""
+        kind = event["type"]
+        handler = self._handlers.get(kind)
+        self._events.inc((kind,) if handler else (OTHER,))
+        self._lag.observe((), arrival - event["timestamp"])
+        if handler is not None:
+            handler(event, arrival)
+
+    def tick(self, now: float) -> None:
+        """Periodic upkeep: worker liveness and the table-size gauge."""
+        for hostname in self.workers.expire(now):
+            self._prefetched.pop(hostname, None)
+            self.metrics.forget("hostname", hostname)
+            self.label.release("hostname", hostname)
+        self._tracked.set((), len(self.tasks))
+
+    # Task table.
+
+    def _task(self, uuid: str) -> Task:
+        """The task's record, created on first sight; most recently used last."""
+        tasks = self.tasks
+        task = tasks.get(uuid)
+        if task is None:
+            task = tasks[uuid] = Task(UNKNOWN, self.default_queue)
+            if len(tasks) > self.max_tracked_tasks:
+                self._evict()
+        else:
+            tasks.move_to_end(uuid)
+        return task
+
+    def _finish(self, uuid: str) -> Task:
+        """Remove a task that reached a final state (a blank one if unseen)."""
+        task = self.tasks.pop(uuid, None)
+        if task is None:
+            return Task(UNKNOWN, self.default_queue)
+        self._unprefetch(task)
+        return task
+
+    def _evict(self) -> None:
+        _, task = self.tasks.popitem(last=False)
+        self._unprefetch(task)
+        self._evicted.inc()
+
+    def _name(self, task: Task, name: str | None) -> None:
+        """Record the task's name; its queue, unless task-sent gave one, follows it."""
+        if not name:
+            return
+        task.name = self.label("name", name)
+        if task.sent is None:
+            task.queue = self._queue_by_name.get(task.name, self.default_queue)
+
+    def _prefetch(self, task: Task, hostname: str) -> None:
+        if task.prefetched_on is None:
+            task.prefetched_on = hostname
+            count = self._prefetched[hostname] = self._prefetched.get(hostname, 0) + 1
+            self._prefetched_gauge.set((hostname,), count)
+
+    def _unprefetch(self, task: Task) -> None:
+        hostname = task.prefetched_on
+        if hostname is not None:
+            task.prefetched_on = None
+            count = self._prefetched.get(hostname)
+            if count:
+                self._prefetched[hostname] = count - 1
+                self._prefetched_gauge.set((hostname,), count - 1)
+
+    # Event handlers, one per type.
+
+    def _on_sent(self, event: Event, arrival: float) -> None:
+        task = self._task(event["uuid"])
+        task.sent = event["timestamp"]
+        task.eta = _eta(event.get("eta"))
+        self._name(task, event.get("name"))
+        queue = event.get("queue")
+        if queue:
+            task.queue = self._queue_by_name[task.name] = self.label("queue", queue)
+        self._sent.inc((task.name, task.queue))
+
+    def _on_received(self, event: Event, arrival: float) -> None:
+        task = self._task(event["uuid"])
+        self._name(task, event.get("name"))
+        hostname = self.label("hostname", event["hostname"])
+        task.received = event["timestamp"]
+        if task.eta is None:
+            task.eta = _eta(event.get("eta"))
+        self._prefetch(task, hostname)
+        self._received.inc((task.name, hostname, task.queue))
+
+    def _on_started(self, event: Event, arrival: float) -> None:
+        task = self._task(event["uuid"])
+        hostname = self.label("hostname", event["hostname"])
+        started = event["timestamp"]
+        self._unprefetch(task)
+        key = (task.name, task.queue)
+        self._started.inc((task.name, hostname, task.queue))
+        if task.received is not None:
+            self._prefetch_wait.observe(key, max(0.0, started - task.received))
+        if task.sent is not None:
+            ready = max(task.sent, task.eta or 0.0)
+            self._queue_wait.observe(key, max(0.0, started - ready))
+
+    def _on_succeeded(self, event: Event, arrival: float) -> None:
+        task = self._finish(event["uuid"])
+        hostname = self.label("hostname", event["hostname"])
+        self._succeeded.inc((task.name, hostname, task.queue))
+        self._runtime.observe((task.name, task.queue), max(0.0, event["runtime"]))
+
+    def _on_failed(self, event: Event, arrival: float) -> None:
+        task = self._finish(event["uuid"])
+        hostname = self.label("hostname", event["hostname"])
+        exception = self.label("exception", exception_class(event.get("exception")))
+        self._failed.inc((task.name, hostname, task.queue, exception))
+
+    def _on_retried(self, event: Event, arrival: float) -> None:
+        task = self._task(event["uuid"])
+        self._unprefetch(task)
+        task.received = None
+        hostname = self.label("hostname", event["hostname"])
+        exception = self.label("exception", exception_class(event.get("exception")))
+        self._retried.inc((task.name, hostname, task.queue, exception))
+
+    def _on_rejected(self, event: Event, arrival: float) -> None:
+        task = self._finish(event["uuid"])
+        hostname = self.label("hostname", event["hostname"])
+        self._rejected.inc((task.name, hostname, task.queue))
+
+    def _on_revoked(self, event: Event, arrival: float) -> None:
+        task = self._finish(event["uuid"])
+        hostname = self.label("hostname", event["hostname"])
+        self._revoked.inc((task.name, hostname, task.queue))
+
+    def _on_heartbeat(self, event: Event, arrival: float) -> None:
+        hostname = self.label("hostname", event["hostname"])
+        self.workers.heartbeat(hostname, event, arrival)
+        self._prefetched_gauge.set((hostname,), self._prefetched.get(hostname, 0))
+
+    def _on_offline(self, event: Event, arrival: float) -> None:
+        self.workers.offline(self.label("hostname", event["hostname"]), arrival)
+
+
+def exception_class(text: str | None) -> str:
+    """``ValueError`` from Celery's ``repr()`` of it, ``"ValueError('boom')"``."""
+    if not text:
+        return UNKNOWN
+    name = text.partition("(")[0].strip()
+    return name if name.replace(".", "").replace("_", "").isalnum() else UNKNOWN
+
+
+def _eta(value: str | None) -> float | None:
+    """Celery sends ETAs as ISO 8601 text; naive ones are UTC."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()

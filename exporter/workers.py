@@ -1,0 +1,81 @@
+"""Worker liveness from heartbeats, judged by arrival time.
+
+Worker clocks may be skewed, so only the daemon's own clock decides whether
+a heartbeat is late: a worker is up while its last heartbeat arrived less
+than ``timeout`` seconds ago and it has not said goodbye.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .metrics import Metrics
+
+
+@dataclass
+class Worker:
+    """What the landing page and the liveness check need about one worker."""
+
+    hostname: str
+    last_seen: float
+    up: bool = True
+    info: tuple[str, str, str] = ("", "", "")
+
+
+class WorkerTracker:
+    """Sets the worker gauges from heartbeats and expires silent workers."""
+
+    def __init__(self, metrics: Metrics, *, timeout: float, purge_after: float) -> None:
+        self.timeout = timeout
+        self.purge_after = purge_after
+        self.workers: dict[str, Worker] = {}
+        self._up = metrics.gauge("celery_worker_up")
+        self._last = metrics.gauge("celery_worker_last_heartbeat_timestamp_seconds")
+        self._active = metrics.gauge("celery_worker_tasks_active")
+        self._processed = metrics.counter("celery_worker_tasks_processed_total")
+        self._info = metrics.gauge("celery_worker_info")
+
+    def heartbeat(self, hostname: str, event: dict[str, Any], arrival: float) -> None:
+        """A ``worker-online`` or ``worker-heartbeat``: the worker is alive."""
+        key = (hostname,)
+        worker = self.workers.get(hostname)
+        if worker is None:
+            worker = self.workers[hostname] = Worker(hostname, arrival)
+        worker.last_seen = arrival
+        worker.up = True
+        self._up.set(key, 1)
+        self._last.set(key, arrival)
+        self._active.set(key, event.get("active") or 0)
+        self._processed.set_total(key, event.get("processed") or 0)
+        info = (_text(event.get("sw_ident")), _text(event.get("sw_ver")),
+                _text(event.get("sw_sys")))  # fmt: skip
+        if info != worker.info:
+            self._info.values.pop(key + worker.info, None)
+            worker.info = info
+            self._info.set(key + info, 1)
+
+    def offline(self, hostname: str, arrival: float) -> None:
+        """A ``worker-offline``: the worker shut down cleanly."""
+        worker = self.workers.get(hostname)
+        if worker is None:
+            worker = self.workers[hostname] = Worker(hostname, arrival)
+        worker.up = False
+        self._up.set((hostname,), 0)
+
+    def expire(self, now: float) -> list[str]:
+        """Mark silent workers down; return those silent past ``purge_after``."""
+        purged = []
+        for worker in list(self.workers.values()):
+            silence = now - worker.last_seen
+            if silence > self.purge_after:
+                del self.workers[worker.hostname]
+                purged.append(worker.hostname)
+            elif worker.up and silence > self.timeout:
+                worker.up = False
+                self._up.set((worker.hostname,), 0)
+        return purged
+
+
+def _text(value: Any) -> str:
+    return value[:100] if isinstance(value, str) else ""
