@@ -1,0 +1,123 @@
+"""Running the exporter under test: in this process, or as its own process.
+
+In-process daemons give tests the registry itself (``sample()``); the
+subprocess form is for what only a real process shows: signals, exit
+status, start-up errors and the console script.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import config
+from exporter.daemon import Daemon
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class InProcessExporter:
+    """A daemon on its own thread, serving on a free port."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.config = config.load([*argv, "--port", "0", "--host", "127.0.0.1"], environ={})
+        self.daemon = Daemon.build(self.config)
+        self.server = self.daemon.serve()
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.daemon.receiver.run, daemon=True)
+        self._thread.start()
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's value from the registry, 0 when the series does not exist."""
+        value = self.daemon.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+    def total(self, name: str, **match: str) -> float:
+        """Sum of a family's samples whose labels include ``match``."""
+        return sum(
+            sample.value
+            for family in self.daemon.registry.collect()
+            for sample in family.samples
+            if sample.name == name and match.items() <= sample.labels.items()
+        )
+
+    def stop(self) -> None:
+        self.daemon.receiver.stop()
+        self._thread.join(10)
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def scrape(url: str, path: str = "/metrics", timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url + path, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def parse(text: str) -> dict[tuple[str, frozenset], float]:
+    """Exposition text as {(sample name, labels): value}."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+class ExporterProcess:
+    """``python -m exporter`` as a child process."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        from tests.servers import free_port
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"exporter-{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--host", "127.0.0.1", "--port", str(self.port),
+             *argv],
+            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_serving(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                scrape(self.url, "/healthz", timeout=1.0)
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"exporter not serving:\n{self.log()}") from None
+                time.sleep(0.05)
+
+    def samples(self) -> dict[tuple[str, frozenset], float]:
+        return parse(scrape(self.url))
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.samples().get((name, frozenset((labels or {}).items())), 0.0)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
