@@ -18,6 +18,9 @@ from .metrics import Metrics
 from .workers import WorkerTracker
 
 UNKNOWN = "unknown"
+RECENTLY_FINISHED = 1024
+"""Finished tasks remembered for late events: a ``Reject`` sends task-failed, then
+task-rejected; revokes and duplicates may also trail the final event."""
 Event = dict[str, Any]
 
 
@@ -52,6 +55,7 @@ class Tracker:
         self.max_tracked_tasks = max_tracked_tasks
         self.default_queue = default_queue
         self.tasks: OrderedDict[str, Task] = OrderedDict()
+        self._finished: OrderedDict[str, Task] = OrderedDict()
         self.workers = WorkerTracker(metrics, timeout=worker_timeout,
                                      purge_after=purge_offline_after)
         self.label = LabelLimiter(max_label_values,
@@ -106,6 +110,10 @@ class Tracker:
             self.label.release("hostname", hostname)
         self._tracked.set((), len(self.tasks))
 
+    def queues_seen(self) -> set[str]:
+        """Queues named by task-sent events, for the queue probes; safe from any thread."""
+        return set(list(self._queue_by_name.values())) - {OTHER}
+
     # Task table.
 
     def _task(self, uuid: str) -> Task:
@@ -124,8 +132,12 @@ class Tracker:
         """Remove a task that reached a final state (a blank one if unseen)."""
         task = self.tasks.pop(uuid, None)
         if task is None:
-            return Task(UNKNOWN, self.default_queue)
+            return self._finished.get(uuid) or Task(UNKNOWN, self.default_queue)
         self._unprefetch(task)
+        finished = self._finished
+        finished[uuid] = task
+        if len(finished) > RECENTLY_FINISHED:
+            finished.popitem(last=False)
         return task
 
     def _evict(self) -> None:

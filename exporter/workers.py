@@ -20,6 +20,7 @@ class Worker:
     hostname: str
     last_seen: float
     up: bool = True
+    said_goodbye: bool = False
     info: tuple[str, str, str] = ("", "", "")
 
 
@@ -44,6 +45,7 @@ class WorkerTracker:
             worker = self.workers[hostname] = Worker(hostname, arrival)
         worker.last_seen = arrival
         worker.up = True
+        worker.said_goodbye = False
         self._up.set(key, 1)
         self._last.set(key, arrival)
         self._active.set(key, event.get("active") or 0)
@@ -61,14 +63,20 @@ class WorkerTracker:
         if worker is None:
             worker = self.workers[hostname] = Worker(hostname, arrival)
         worker.up = False
+        worker.said_goodbye = True
         self._up.set((hostname,), 0)
 
     def expire(self, now: float) -> list[str]:
-        """Mark silent workers down; return those silent past ``purge_after``."""
+        """Mark silent workers down; return those to forget.
+
+        A worker that went silent stays down for ``purge_after`` so alerts can
+        see it; one that said goodbye (``worker-offline``) is forgotten after
+        ``timeout``, so a deploy does not look like an outage.
+        """
         purged = []
         for worker in list(self.workers.values()):
             silence = now - worker.last_seen
-            if silence > self.purge_after:
+            if silence > (self.timeout if worker.said_goodbye else self.purge_after):
                 del self.workers[worker.hostname]
                 purged.append(worker.hostname)
             elif worker.up and silence > self.timeout:
