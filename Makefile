@@ -21,6 +21,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
+# Helm reads only files inside the chart: refresh its copies of the rules and dashboards.
+chart-files:
+	scripts/sync-chart-files.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
