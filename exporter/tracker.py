@@ -9,25 +9,37 @@ it holds only what is really in flight (plus what it never saw finish).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from .labels import OTHER, LabelLimiter
 from .metrics import Metrics
 from .workers import WorkerTracker
 
 UNKNOWN = "unknown"
-RECENTLY_FINISHED = 1024
+RECENTLY_FINISHED = 10_000
 """Finished tasks remembered for late events: a ``Reject`` sends task-failed, then
-task-rejected; revokes and duplicates may also trail the final event."""
+task-rejected, and events published by other processes may trail the final one."""
+HOLD_SECONDS = 2.0
+MAX_HELD_TASKS = 10_000
+"""Clients, workers and pool processes publish on connections of their own, so a
+task's events can overtake the event that names it (on AMQP, a task may finish
+before its task-sent arrives). Events of a task not yet named wait for it this
+long, for at most this many tasks, then count as they are."""
 Event = dict[str, Any]
+FINAL = frozenset({"task-succeeded", "task-failed", "task-rejected", "task-revoked"})
+TASK_EVENTS = FINAL | {"task-sent", "task-received", "task-started", "task-retried"}
 
 
 class Task:
-    """One in-flight task: the fields later events refer back to."""
+    """One in-flight task: the fields later events refer back to.
 
-    __slots__ = ("eta", "name", "prefetched_on", "queue", "received", "sent")
+    ``trace`` belongs to the span hooks and is set only when traces are on,
+    so that an untraced task costs nothing more.
+    """
+
+    __slots__ = ("done", "eta", "name", "prefetched_on", "queue", "received", "sent", "trace")
 
     def __init__(self, name: str, queue: str) -> None:
         self.name = name
@@ -36,6 +48,24 @@ class Task:
         self.eta: float | None = None
         self.received: float | None = None
         self.prefetched_on: str | None = None
+        self.done = False
+
+
+Handler = Callable[[Event, float], None]
+Hook = Callable[[Task, Event], None]
+
+
+class SpanHooks(Protocol):
+    """What the tracker calls when traces are on (``exporter.tracing.Spans``)."""
+
+    def hooks(self) -> Mapping[str, Hook]:
+        """A hook per task event type, given the task's record and the event."""
+
+    def evicted(self, task: Task) -> None:
+        """The task left the full table unfinished."""
+
+    def close(self) -> None:
+        """Export what is pending: the daemon is stopping."""
 
 
 class Tracker:
@@ -50,12 +80,16 @@ class Tracker:
         worker_timeout: float,
         purge_offline_after: float,
         max_label_values: int,
+        spans: SpanHooks | None = None,
     ) -> None:
         self.metrics = metrics
+        self.spans = spans
         self.max_tracked_tasks = max_tracked_tasks
         self.default_queue = default_queue
         self.tasks: OrderedDict[str, Task] = OrderedDict()
         self._finished: OrderedDict[str, Task] = OrderedDict()
+        self._held: dict[str, tuple[float, list[tuple[Event, float]]]] = {}
+        self._sent_seen = False
         self.workers = WorkerTracker(metrics, timeout=worker_timeout,
                                      purge_after=purge_offline_after)
         self.label = LabelLimiter(max_label_values,
@@ -79,7 +113,7 @@ class Tracker:
         self._prefetched_gauge = metrics.gauge("celery_worker_tasks_prefetched")
         self._tracked = metrics.gauge("celery_exporter_tracked_tasks")
         self._evicted = counter("celery_exporter_tracked_tasks_evicted_total")
-        self._handlers: dict[str, Callable[[Event, float], None]] = {
+        self._handlers: dict[str, Handler] = {
             "task-sent": self._on_sent,
             "task-received": self._on_received,
             "task-started": self._on_started,
@@ -92,6 +126,8 @@ class Tracker:
             "worker-heartbeat": self._on_heartbeat,
             "worker-offline": self._on_offline,
         }
+        if spans is not None:
+            self._trace(spans)
 
     def handle(self, event: Event, arrival: float) -> None:
         """Apply one event that passed ``decode.check_event``."""
@@ -99,7 +135,11 @@ class Tracker:
         handler = self._handlers.get(kind)
         self._events.inc((kind,) if handler else (OTHER,))
         self._lag.observe((), arrival - event["timestamp"])
-        if handler is not None:
+        if handler is None:
+            return
+        if kind in TASK_EVENTS and event["uuid"] not in self.tasks:
+            self._first_sight(kind, handler, event, arrival)
+        else:
             handler(event, arrival)
 
     def tick(self, now: float) -> None:
@@ -108,6 +148,12 @@ class Tracker:
             self._prefetched.pop(hostname, None)
             self.metrics.forget("hostname", hostname)
             self.label.release("hostname", hostname)
+        held = self._held
+        while held:
+            uuid, (since, _) = next(iter(held.items()))
+            if now - since < HOLD_SECONDS:
+                break
+            self._release(uuid)
         self._tracked.set((), len(self.tasks))
 
     def queues_seen(self) -> set[str]:
@@ -116,11 +162,38 @@ class Tracker:
 
     # Task table.
 
+    def _first_sight(self, kind: str, handler: Handler, event: Event, arrival: float) -> None:
+        """An event of a task not in the table: apply it, or hold it until the task is named."""
+        uuid = event["uuid"]
+        names = kind == "task-sent" or (kind == "task-received" and not self._sent_seen)
+        held = self._held
+        if names or uuid in self._finished or (uuid not in held and len(held) >= MAX_HELD_TASKS):
+            handler(event, arrival)
+            if names and held:
+                self._release(uuid)
+        elif uuid in held:
+            held[uuid][1].append((event, arrival))
+        else:
+            held[uuid] = (arrival, [(event, arrival)])
+
+    def _release(self, uuid: str) -> None:
+        """Apply a task's held events in the order they arrived."""
+        _, events = self._held.pop(uuid, (0.0, ()))
+        for event, arrival in events:
+            self._handlers[event["type"]](event, arrival)
+
     def _task(self, uuid: str) -> Task:
-        """The task's record, created on first sight; most recently used last."""
+        """The task's record, created on first sight; most recently used last.
+
+        A task that already finished keeps its record out of the table: late
+        events count under its name without tracking it again.
+        """
         tasks = self.tasks
         task = tasks.get(uuid)
         if task is None:
+            task = self._finished.get(uuid)
+            if task is not None:
+                return task
             task = tasks[uuid] = Task(UNKNOWN, self.default_queue)
             if len(tasks) > self.max_tracked_tasks:
                 self._evict()
@@ -134,6 +207,7 @@ class Tracker:
         if task is None:
             return self._finished.get(uuid) or Task(UNKNOWN, self.default_queue)
         self._unprefetch(task)
+        task.done = True
         finished = self._finished
         finished[uuid] = task
         if len(finished) > RECENTLY_FINISHED:
@@ -144,6 +218,15 @@ class Tracker:
         _, task = self.tasks.popitem(last=False)
         self._unprefetch(task)
         self._evicted.inc()
+        if self.spans is not None:
+            self.spans.evicted(task)
+
+    def _trace(self, spans: SpanHooks) -> None:
+        """Chain the span hooks to the task handlers, once: untraced, events pay nothing."""
+        tasks = self.tasks
+        for kind, hook in spans.hooks().items():
+            chain = _hook_before if kind in FINAL else _hook_after
+            self._handlers[kind] = chain(self._handlers[kind], hook, tasks)
 
     def _name(self, task: Task, name: str | None) -> None:
         """Record the task's name; its queue, unless task-sent gave one, follows it."""
@@ -154,7 +237,7 @@ class Tracker:
             task.queue = self._queue_by_name.get(task.name, self.default_queue)
 
     def _prefetch(self, task: Task, hostname: str) -> None:
-        if task.prefetched_on is None:
+        if task.prefetched_on is None and not task.done:
             task.prefetched_on = hostname
             count = self._prefetched[hostname] = self._prefetched.get(hostname, 0) + 1
             self._prefetched_gauge.set((hostname,), count)
@@ -171,6 +254,7 @@ class Tracker:
     # Event handlers, one per type.
 
     def _on_sent(self, event: Event, arrival: float) -> None:
+        self._sent_seen = True
         task = self._task(event["uuid"])
         task.sent = event["timestamp"]
         task.eta = _eta(event.get("eta"))
@@ -240,6 +324,30 @@ class Tracker:
 
     def _on_offline(self, event: Event, arrival: float) -> None:
         self.workers.offline(self.label("hostname", event["hostname"]), arrival)
+
+
+def _hook_after(handler: Handler, hook: Hook, tasks: Mapping[str, Task]) -> Handler:
+    """The handler, then the hook on the record the handler created or updated."""
+
+    def traced(event: Event, arrival: float) -> None:
+        handler(event, arrival)
+        task = tasks.get(event["uuid"])
+        if task is not None:
+            hook(task, event)
+
+    return traced
+
+
+def _hook_before(handler: Handler, hook: Hook, tasks: Mapping[str, Task]) -> Handler:
+    """For final events: the record leaves the table in the handler, so look it up first."""
+
+    def traced(event: Event, arrival: float) -> None:
+        task = tasks.get(event["uuid"])
+        handler(event, arrival)
+        if task is not None:
+            hook(task, event)
+
+    return traced
 
 
 def exception_class(text: str | None) -> str:

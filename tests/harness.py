@@ -36,23 +36,25 @@ class InProcessExporter:
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.daemon.receiver.run, daemon=True)
         self._thread.start()
+        self.daemon.start_background()
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's value from the registry, 0 when the series does not exist."""
         value = self.daemon.registry.get_sample_value(name, labels or {})
         return 0.0 if value is None else value
 
-    def total(self, name: str, **match: str) -> float:
+    def total(self, metric: str, /, **match: str) -> float:
         """Sum of a family's samples whose labels include ``match``."""
         return sum(
             sample.value
             for family in self.daemon.registry.collect()
             for sample in family.samples
-            if sample.name == name and match.items() <= sample.labels.items()
+            if sample.name == metric and match.items() <= sample.labels.items()
         )
 
     def stop(self) -> None:
         self.daemon.receiver.stop()
+        self.daemon.stop_background()
         self._thread.join(10)
         self.server.shutdown()
         self.server.server_close()

@@ -76,7 +76,7 @@ def test_mistakes_name_the_key(tmp_path: Path, argv: list[str], environ: dict[st
 
 
 def test_a_broker_url_is_required() -> None:
-    with pytest.raises(config.ConfigError, match="^broker_url: required"):
+    with pytest.raises(config.ConfigError, match=r"^broker_url: required"):
         config.load([], environ={})
     assert config.load(["--demo"], environ={}).demo
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.tracker import exception_class
+from exporter.tracker import HOLD_SECONDS, exception_class
 from tests.events import Scene, event, failed, heartbeat, received, sent, started, succeeded
 
 W1 = {"hostname": "celery@w1"}
@@ -54,12 +54,16 @@ def test_queue_label_without_sent_events() -> None:
     # Once a task-sent names the queue, later tasks of that name without one get it too.
     scene.feed(sent("b", "app.add", "math", 3.0), received("c", "app.add", 4.0),
                succeeded("c", 5.0, 0.1))
+    scene.tracker.tick(1000.0 + HOLD_SECONDS)  # c's task-sent never comes
     assert scene.value("celery_task_succeeded_total", name="app.add", queue="math", **W1) == 1
 
 
 def test_events_of_unseen_tasks_count_as_unknown() -> None:
     scene = Scene()
     scene.feed(started("x", 1.0), failed("x", 2.0, "ValueError('boom')"))
+    scene.tracker.tick(1000.0 + HOLD_SECONDS - 0.1)
+    assert scene.value("celery_task_started_total", name="unknown", queue="celery", **W1) is None
+    scene.tracker.tick(1000.0 + HOLD_SECONDS)
     assert scene.value("celery_task_started_total", name="unknown", queue="celery", **W1) == 1
     assert scene.value("celery_task_failed_total", name="unknown", queue="celery",
                        exception="ValueError", **W1) == 1
@@ -104,8 +108,33 @@ def test_revoked_and_rejected() -> None:
     scene.feed(received("b", "app.check", 2.0), started("b", 2.1),
                failed("b", 2.2, "Reject('bad')"), event("task-rejected", 2.3, uuid="b",
                                                          requeue=False))
+    scene.tracker.tick(1000.0 + HOLD_SECONDS)
     assert scene.value("celery_task_rejected_total", name="app.check", queue="celery",
                        **W1) == 1
+
+
+def test_events_that_overtake_task_sent_wait_for_it() -> None:
+    scene = Scene()
+    scene.feed(sent("a", "app.add", "celery", 1.0))
+    # Published by other processes, these arrive before the task-sent of "b" and "c".
+    scene.feed(event("task-revoked", 2.1, uuid="b", expired=True),
+               received("c", "app.report", 2.2), started("c", 2.3), succeeded("c", 2.4, 0.1))
+    assert scene.value("celery_task_succeeded_total", name="app.report", queue="reports",
+                       **W1) is None
+    scene.feed(sent("b", "app.add", "celery", 2.0), sent("c", "app.report", "reports", 2.0))
+    assert scene.value("celery_task_revoked_total", name="app.add", queue="celery", **W1) == 1
+    assert scene.value("celery_task_succeeded_total", name="app.report", queue="reports",
+                       **W1) == 1
+    assert scene.value("celery_task_queue_wait_seconds_count", name="app.report",
+                       queue="reports") == 1
+    # Late events of a finished task count under its name and track nothing.
+    scene.feed(event("task-retried", 2.5, uuid="c", exception="OSError()"),
+               sent("c", "app.report", "reports", 2.45))
+    assert scene.value("celery_task_retried_total", name="app.report", queue="reports",
+                       exception="OSError", **W1) == 1
+    scene.tracker.tick(1000.0 + HOLD_SECONDS)
+    assert list(scene.tracker.tasks) == ["a"]
+    assert scene.value("celery_worker_tasks_prefetched", **W1) == 0
 
 
 def test_prefetched_counts_received_but_not_started() -> None:

@@ -1,0 +1,96 @@
+"""The Celery app of the test suite: real workers run it, tests publish with it.
+
+Workers are started as ``celery -A tests.celery_app worker ...`` and find the
+module-level ``app``, configured from the environment (``TEST_BROKER_URL``,
+``TEST_SENT_EVENTS``). The test process builds its own apps with
+``make_app(broker_url)`` and publishes by task name (``app.send_task``) or
+through ``app.tasks["tests.add"].apply_async(...)``.
+
+Task events stay off unless the worker gets ``-E`` (or the exporter's
+``--enable-events`` turns them on), which is what the tests are about.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery import Celery, Task
+
+__all__ = ["TASK_NAMES", "app", "make_app"]
+
+TASK_NAMES = (
+    "tests.add",
+    "tests.fail",
+    "tests.fail_key",
+    "tests.retry_then_succeed",
+    "tests.sleep",
+    "tests.noop",
+)
+
+
+def add(x: Any, y: Any) -> Any:
+    return x + y
+
+
+def fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def fail_key() -> None:
+    raise KeyError("missing")
+
+
+def retry_then_succeed(self: Task, times: int) -> str:
+    """Exactly ``times`` task-retried events (exception RuntimeError), then a success."""
+    if self.request.retries < times:
+        raise self.retry(countdown=0, max_retries=times, exc=RuntimeError("again"))
+    return "ok"
+
+
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def noop() -> None:
+    return None
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() not in {"0", "false", "no", "off"}
+
+
+def make_app(broker_url: str, sent_events: bool = True) -> Celery:
+    """A Celery app on ``broker_url`` with the test tasks registered.
+
+    No result backend: the tests observe tasks through events only.
+    ``sent_events`` sets task_send_sent_event, so publishing emits task-sent.
+    """
+    celery = Celery("tests", broker=broker_url, set_as_current=False)
+    celery.conf.update(
+        result_backend=None,
+        task_ignore_result=True,
+        task_send_sent_event=sent_events,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+    )
+    celery.task(name="tests.add")(add)
+    celery.task(name="tests.fail")(fail)
+    celery.task(name="tests.fail_key")(fail_key)
+    celery.task(name="tests.retry_then_succeed", bind=True)(retry_then_succeed)
+    celery.task(name="tests.sleep")(sleep)
+    celery.task(name="tests.noop")(noop)
+    return celery
+
+
+app = make_app(
+    os.environ.get("TEST_BROKER_URL", "memory://"),
+    sent_events=_env_flag("TEST_SENT_EVENTS", True),
+)
