@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         Daemon.build(settings).run()
+    except config.ConfigError as exc:  # found while building: an optional package is missing
+        print(f"{config.PROG}: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # the port is taken, most often
         print(f"{config.PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+from . import __version__, webconfig
 from .metrics import DEFAULT_RUNTIME_BUCKETS, DEFAULT_WAIT_BUCKETS
 
 ENV_PREFIX = "CELERY_EXPORTER_"
@@ -111,11 +111,17 @@ def _buckets(value: Any) -> tuple[float, ...]:
 
 
 def _pairs(value: Any, convert: Callable[[str], Any]) -> dict[str, Any]:
-    """``key=value`` items (or a YAML mapping) into a dict."""
+    """A YAML mapping, repeated ``key=value`` flags, or text: a JSON object or
+    comma-separated ``key=value`` items (from the environment)."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"expected a JSON object, got {value!r}") from None
     if isinstance(value, Mapping):
         return {_text(key): item for key, item in value.items()}
     pairs = {}
-    for item in _items(value):
+    for item in value if isinstance(value, list | tuple) else _items(value):
         key, sep, text = str(item).partition("=")
         if not sep or not key.strip():
             raise ValueError(f"expected key=value, got {item!r}")
@@ -140,6 +146,14 @@ def _labels(value: Any) -> dict[str, str]:
 
 def _options(value: Any) -> dict[str, Any]:
     return _pairs(value, _json_or_text)
+
+
+def _web_config_file(value: Any) -> str:
+    """The path, once the file loads: its mistakes stop the start like any other."""
+    path = _text(value)
+    if path:
+        webconfig.load(path)
+    return path
 
 
 def option(
@@ -189,6 +203,12 @@ class Config:
     event_queue_expires: float = option(
         60.0, "AMQP: seconds the receiving queue outlives a lost connection (x-expires).",
         group=EVENTS, parse=_number(1.0), metavar="SECONDS")
+    enable_events: bool = option(
+        False, "Broadcast Celery's enable_events control command, so workers started without "
+        "-E send task events.", group=EVENTS, parse=_boolean)
+    enable_events_interval: float = option(
+        30.0, "Seconds between enable_events broadcasts (workers that start later get it too).",
+        group=EVENTS, parse=_number(0.1), metavar="SECONDS")
     max_tracked_tasks: int = option(
         100_000, "In-flight tasks to remember; the least recently seen are evicted past it.",
         group=TASKS, parse=_integer(1), metavar="N")
@@ -201,6 +221,16 @@ class Config:
     purge_offline_after: float = option(
         600.0, "Seconds without a heartbeat before all of a worker's series are removed.",
         group=WORKERS, parse=_number(1.0), metavar="SECONDS")
+    queues: tuple[str, ...] = option(
+        (), "Queues whose length to probe, comma-separated; queues named by task-sent events "
+        "and the default queue are probed too.", group=QUEUES, parse=_text_list,
+        metavar="A,B,...")
+    queue_poll_interval: float = option(
+        15.0, "Seconds between queue length probes.", group=QUEUES, parse=_number(0.1),
+        metavar="SECONDS")
+    queue_probe_timeout: float = option(
+        5.0, "Seconds one queue probe may take before it counts as failed.", group=QUEUES,
+        parse=_number(0.1), metavar="SECONDS")
     runtime_buckets: tuple[float, ...] = option(
         DEFAULT_RUNTIME_BUCKETS, "Bucket bounds (seconds) of celery_task_runtime_seconds.",
         group=METRICS, parse=_buckets, metavar="S,S,...")
@@ -214,8 +244,20 @@ class Config:
         1000, "Distinct values per label (task name, hostname, queue, exception) before new "
         "ones are exported as 'other'.", group=METRICS, parse=_integer(1), metavar="N")
     host: str = option("0.0.0.0", "Address to serve HTTP on.", group=HTTP, metavar="ADDRESS")
-    port: int = option(9808, "Port to serve HTTP on.", group=HTTP, parse=_integer(1, 65535),
+    port: int = option(9808, "Port to serve HTTP on (0: any free port).", group=HTTP,
+                       parse=_integer(0, 65535),
                        metavar="PORT")
+    web_config_file: str = option(
+        "", "Prometheus exporter-toolkit web config (YAML): TLS, client certificates and basic "
+        "auth users; re-read when it changes.", group=HTTP, parse=_web_config_file,
+        metavar="FILE")
+    otlp_traces: bool = option(
+        False, "Export one OpenTelemetry span per task over OTLP, configured by the standard "
+        "OTEL_EXPORTER_OTLP_* variables (needs the 'tracing' extra).", group=TRACING,
+        parse=_boolean)
+    trace_sample_ratio: float = option(
+        1.0, "Share of workflows traced, chosen by root task id so a workflow is kept or "
+        "dropped whole.", group=TRACING, parse=_number(0.0, 1.0), metavar="RATIO")
     log_level: str = option("info", "Log level.", group=LOGS,
                             parse=_choice("debug", "info", "warning", "error"), metavar="LEVEL")
     log_format: str = option("text", "Log format: text, or json (one object per line).",

@@ -11,13 +11,18 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__, redis_pubsub
 from .config import Config
+from .control import EventsEnabler
 from .decode import REASONS
+from .exposition import Registry
 from .health import Health
 from .metrics import Metrics
+from .periodic import Periodic
 from .pipeline import UNPROCESSABLE, Pipeline
+from .queues import QueuePoller
 from .receiver import KombuReceiver, Receiver
-from .tracker import Tracker
+from .tracker import SpanHooks, Tracker
 from .web import ExporterServer, Status, WorkerStatus, serve
+from .webconfig import WebSecurity
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ class Daemon:
     health: Health
     tracker: Tracker
     receiver: Receiver
+    background: tuple[Periodic, ...] = ()
 
     @classmethod
     def build(cls, config: Config) -> Daemon:
@@ -41,19 +47,34 @@ class Daemon:
         metrics.gauge("celery_exporter_build_info").set((__version__,), 1)
         for reason in (*REASONS, UNPROCESSABLE):
             metrics.counter("celery_exporter_events_invalid_total").inc((reason,), 0)
-        registry = CollectorRegistry(auto_describe=False)
+        registry = Registry()
         registry.register(metrics)
         health = Health(metrics, config.masked_broker_url())
         tracker = Tracker(metrics, max_tracked_tasks=config.max_tracked_tasks,
                           default_queue=config.default_queue,
                           worker_timeout=config.worker_timeout,
                           purge_offline_after=config.purge_offline_after,
-                          max_label_values=config.max_label_values)
+                          max_label_values=config.max_label_values,
+                          spans=_spans(config))
         pipeline = Pipeline(tracker, health, metrics)
         receiver_class = (redis_pubsub.RedisReceiver if redis_pubsub.handles(config.broker_url)
                           else KombuReceiver)
         receiver = receiver_class(config, pipeline, health)
-        return cls(config, registry, metrics, health, tracker, receiver)
+        background: tuple[Periodic, ...] = (QueuePoller(config, metrics, tracker.queues_seen),)
+        if config.enable_events:
+            background += (EventsEnabler(config),)
+        return cls(config, registry, metrics, health, tracker, receiver, background)
+
+    def start_background(self) -> None:
+        """Start the jobs that ask the broker on a schedule (queue probes, enable_events)."""
+        for job in self.background:
+            job.start()
+
+    def stop_background(self) -> None:
+        for job in self.background:
+            job.stopping.set()  # all at once: each may be waiting on the broker
+        for job in self.background:
+            job.stop()
 
     def status(self) -> Status:
         health = self.health
@@ -68,8 +89,11 @@ class Daemon:
                       last_event_at=health.last_event_at, workers=workers)
 
     def serve(self) -> ExporterServer:
-        server = serve(self.config.host, self.config.port, self.registry, self.status)
-        log.info("serving metrics on http://%s:%d/metrics", self.config.host,
+        path = self.config.web_config_file
+        security = WebSecurity(path) if path else None
+        server = serve(self.config.host, self.config.port, self.registry, self.status, security)
+        scheme = "https" if security and security.current().ssl_context else "http"
+        log.info("serving metrics on %s://%s:%d/metrics", scheme, self.config.host,
                  server.server_address[1])
         return server
 
@@ -79,9 +103,13 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
+        self.start_background()
         try:
             self.receiver.run()
         finally:
+            self.stop_background()
+            if self.tracker.spans is not None:
+                self.tracker.spans.close()
             server.shutdown()
             server.server_close()
             log.info("stopped")
@@ -89,3 +117,12 @@ class Daemon:
     def _on_signal(self, signum: int, frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         self.receiver.stop()
+
+
+def _spans(config: Config) -> SpanHooks | None:
+    """Span hooks when traces are on; only then is OpenTelemetry imported."""
+    if not config.otlp_traces:
+        return None
+    from . import tracing
+
+    return tracing.build(config.trace_sample_ratio)

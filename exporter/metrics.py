@@ -149,6 +149,10 @@ class Gauge(Counter):
     def set(self, labels: LabelValues, value: float) -> None:
         self.values[labels] = value
 
+    def remove(self, labels: LabelValues) -> None:
+        """Drop a series whose value is no longer known."""
+        self.values.pop(labels, None)
+
 
 class Histogram:
     """Bucket counts per label set; the last two slots hold +Inf and the sum."""

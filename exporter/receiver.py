@@ -24,9 +24,37 @@ from .health import Health
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 0.5
-BACKOFF_MAX = 30.0
+BACKOFF_MAX = 2.0
+"""Reconnecting at most this far apart keeps a returning broker's blind spot under
+a few seconds; an attempt against a broker that is away is one refused connect."""
 POLL_SECONDS = 1.0
 """How long a read may block, so ticks and stop requests are seen at least this often."""
+
+
+# Transport options that bound every socket read and write, per kombu driver type.
+_TIMEOUT_OPTIONS = {"amqp": ("read_timeout", "write_timeout"),
+                    "redis": ("socket_timeout", "socket_connect_timeout")}
+
+
+def broker_connection(config: Config, *, timeout: float | None = None,
+                      heartbeat: float = 0) -> Connection:
+    """A kombu connection with the configured transport and TLS options.
+
+    With ``timeout``, reads and writes are bounded as well as the connect,
+    so a broker that accepts and never answers costs one call, not a thread.
+    """
+    bounds: dict[str, float] = {} if timeout is None else {"connect_timeout": timeout}
+    connection = Connection(
+        config.broker_url,
+        transport_options=dict(config.broker_transport_options),
+        ssl=dict(config.broker_ssl_options) or None,
+        heartbeat=heartbeat,
+        **bounds,
+    )
+    if timeout is not None:
+        for key in _TIMEOUT_OPTIONS.get(connection.transport.driver_type, ()):
+            connection.transport_options.setdefault(key, timeout)
+    return connection
 
 
 class Sink(Protocol):
@@ -111,12 +139,7 @@ class KombuReceiver(Receiver):
         self.exchange = Exchange(config.events_exchange, type="fanout" if fanout else "topic")
 
     def _connection(self) -> Connection:
-        return Connection(
-            self.config.broker_url,
-            transport_options=dict(self.config.broker_transport_options),
-            ssl=dict(self.config.broker_ssl_options) or None,
-            heartbeat=30,
-        )
+        return broker_connection(self.config, heartbeat=30)
 
     def _queue(self) -> Queue:
         options: dict[str, Any] = {}

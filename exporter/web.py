@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import html
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -16,12 +18,17 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
 
 from . import __version__
+from .exposition import Registry
+from .webconfig import WebSecurity
 
 log = logging.getLogger(__name__)
 
+OPEN_PATHS = ("/healthz", "/readyz")
+"""Probes answer without credentials: kubelets and load balancers cannot log in,
+and all they tell is one bit each."""
 QUIET_SECONDS = 60.0
 """No event for this long after connecting earns a diagnosis on the landing page."""
 
@@ -53,10 +60,26 @@ class Handler(BaseHTTPRequestHandler):
 
     server: ExporterServer
     protocol_version = "HTTP/1.1"
+    timeout = 30.0
+    """Seconds a connection may stall (handshake, request or idle keep-alive)."""
+
+    def handle(self) -> None:
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("TLS handshake with %s failed: %s", self.address_string(), exc)
+                return
+        super().handle()
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        security = self.server.security
+        if (security and path not in OPEN_PATHS
+                and not security.current().authorized(self.headers.get("Authorization"))):
+            self._send(401, b"unauthorized\n", headers={
+                "WWW-Authenticate": 'Basic realm="celery-events-exporter", charset="UTF-8"'})
+        elif path == "/metrics":
             self._metrics()
         elif path == "/healthz":
             alive = self.server.status().alive
@@ -73,7 +96,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _metrics(self) -> None:
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-        body = encoder(self.server.registry)
+        registry = self.server.registry
+        if encoder is generate_latest and isinstance(registry, Registry):
+            body = registry.text()  # the same bytes, without an object per sample
+        else:
+            body = encoder(registry)
         if "gzip" in self.headers.get("Accept-Encoding", ""):
             self._send(200, gzip.compress(body, compresslevel=1), content_type,
                        {"Content-Encoding": "gzip"})
@@ -98,16 +125,33 @@ class ExporterServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry,
-                 status: Callable[[], Status]) -> None:
+                 status: Callable[[], Status], security: WebSecurity | None = None) -> None:
         super().__init__(address, Handler)
         self.registry = registry
         self.status = status
+        self.security = security
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        """Each connection gets the TLS context in force when it arrives.
+
+        The handshake itself runs on the connection's own thread (``Handler.handle``),
+        so a slow client never holds up the accept loop.
+        """
+        sock, address = super().get_request()
+        context = self.security.current().ssl_context if self.security else None
+        if context is not None:
+            sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hangs up mid-request is routine, not a traceback on stderr."""
+        log.debug("connection from %s failed", client_address, exc_info=True)
 
 
 def serve(host: str, port: int, registry: CollectorRegistry,
-          status: Callable[[], Status]) -> ExporterServer:
+          status: Callable[[], Status], security: WebSecurity | None = None) -> ExporterServer:
     """Start serving in a background thread; ``shutdown()`` stops it."""
-    server = ExporterServer((host, port), registry, status)
+    server = ExporterServer((host, port), registry, status, security)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
 

@@ -161,10 +161,13 @@ def all_queries() -> list[tuple[str, str]]:
     ]
 
 
-def substitute_variables(expr: str) -> str:
+def substitute_variables(expr: str, values: dict[str, str] | None = None) -> str:
+    """Grafana variables replaced: ``values`` first, then the built-ins, else ".*"."""
+    known = {**BUILTIN_VARIABLES, **(values or {})}
+
     def repl(match: re.Match[str]) -> str:
         name = next(g for g in match.groups() if g)
-        return BUILTIN_VARIABLES.get(name, ".*")
+        return known.get(name, ".*")
 
     return VARIABLE.sub(repl, expr)
 

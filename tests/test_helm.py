@@ -612,9 +612,11 @@ def test_schema_refuses_bad_values(chart: Any, values: dict[str, Any], key: str)
 
 def test_service_and_service_monitor(chart: Any) -> None:
     docs = objects(chart, EVERYTHING)
-    port = one(docs, "Service")["spec"]["ports"]
-    assert port == [{"name": "http-metrics", "port": 9808, "targetPort": "http-metrics",
-                     "protocol": "TCP"}]  # fmt: skip
+    service = one(docs, "Service")["spec"]
+    assert service["ports"] == [{"name": "http-metrics", "port": 9808,
+                                 "targetPort": "http-metrics", "protocol": "TCP"}]
+    # A pod that lost the broker is unready, and must still be scraped to alert on it.
+    assert service["publishNotReadyAddresses"] is True
     sm = one(docs, "ServiceMonitor")
     sm_values = EVERYTHING["serviceMonitor"]
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"

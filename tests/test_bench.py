@@ -1,0 +1,43 @@
+"""The benchmark runs end to end at a small size, and the exporter loses nothing.
+
+Timing is the benchmark's business, not the suite's: nothing here asserts a
+speed, only that the bench works, that every event published at a modest
+rate was counted, and that its JSON has the figures dashboards compare.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.run import LABELS, TARGETS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_counts_every_event_and_writes_its_figures(tmp_path: Path) -> None:
+    output = tmp_path / "latest.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--output", str(output)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(output.read_text())
+
+    assert result["mode"] == "quick"
+    assert set(result["machine"]) == {"cpu", "cores", "python", "system"}
+    assert set(result["figures"]) == set(TARGETS) == set(LABELS)
+    for figure in result["figures"].values():
+        assert set(figure) >= {"exporter", "baseline", "ratio", "target", "met"}
+    assert result["figures"]["metrics_render_ms"]["samples"] > 0
+
+    exporter_runs = [r for r in result["runs"] if r["subject"] == "exporter"]
+    assert {r["scenario"] for r in exporter_runs} >= {
+        "cpu 2000/s unbatched", "cpu 4000/s batched", "sustain 3000/s unbatched",
+        "sustain 6000/s batched", "memory", "metrics grid"}
+    for r in exporter_runs:
+        assert r["published"]["error"] == ""
+        assert r["counted"] == r["published"]["events"], r
+        assert r["lost"] == 0
+    assert {r["subject"] for r in result["runs"]} == {"exporter", "baseline"}
+    assert "| figure | exporter | Celery EventReceiver + State |" in run.stdout
