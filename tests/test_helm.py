@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
+from exporter.config import Config, load
+
 try:
     import helm_python as helm
 except (ImportError, OSError) as exc:  # OSError: the bundled libhelm_c failed to load
@@ -792,3 +794,20 @@ def test_sync_script_is_strict_bash() -> None:
     assert text.startswith("#!/usr/bin/env bash\n")
     assert "set -euo pipefail" in text
     subprocess.run(["bash", "-n", str(SYNC_SCRIPT)], check=True)
+
+
+def test_the_chart_config_keys_are_the_daemon_options(chart: Any) -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    keys = set(schema["properties"]["config"]["properties"])
+    # The broker URL comes from a Secret; the demo is no way to run in a cluster.
+    assert keys == {spec.name for spec in Config.options()} - {"broker_url", "demo"}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_the_rendered_config_starts_the_daemon(chart: Any, scenario: str,
+                                               tmp_path: Path) -> None:
+    settings = config_of(objects(chart, SCENARIOS[scenario]))
+    settings.pop("web_config_file", None)  # a file mounted from a Secret in the cluster
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    load(["--config", str(path)], environ={"CELERY_EXPORTER_BROKER_URL": "redis://r:6379/0"})
