@@ -113,13 +113,15 @@ def send_tasks(client: Celery, stop: threading.Event) -> None:
 
 
 def start_worker(folder: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "exporter.demo", "worker", "-E",
-         "--pool", "prefork", "--concurrency", "2", "-Q", ",".join(QUEUES),
-         "-n", "demo@%h", "--without-mingle", "--without-gossip", "--loglevel", "WARNING"],
-        env={**os.environ, FOLDER_ENV: folder},
-        start_new_session=True,
-    )
+    """The worker logs to a file: the demo's failures are on purpose, not news."""
+    with open(Path(folder, "worker.log"), "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "exporter.demo", "worker", "-E",
+             "--pool", "prefork", "--concurrency", "2", "-Q", ",".join(QUEUES),
+             "-n", "demo@%h", "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
+            env={**os.environ, FOLDER_ENV: folder},
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
 
 
 def stop_worker(worker: subprocess.Popen[bytes]) -> None:
@@ -146,8 +148,8 @@ def run(config: Config) -> int:
     stop = threading.Event()
     client = threading.Thread(target=send_tasks, args=(make_app(folder), stop), daemon=True)
     client.start()
-    log.info("demo cluster in %s: worker pid %d; open http://localhost:%d/", folder,
-             worker.pid, config.port)
+    log.info("demo cluster in %s (worker log: worker.log); open http://localhost:%d/",
+             folder, config.port)
     try:
         Daemon.build(demo_config).run()
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:  # so that "tests.celery_app" imports however pyte
     sys.path.insert(0, str(ROOT))
 
 from tests.servers import RabbitMQServer, RedisServer  # noqa: E402
-from tests.workers import CeleryWorker, WorkerFactory  # noqa: E402
+from tests.workers import READY_TIMEOUT, CeleryWorker, WorkerFactory  # noqa: E402
 
 
 def _start(kind: Callable[[], Any]) -> Any:
@@ -95,19 +95,9 @@ class _Workers:
         self.started: list[CeleryWorker] = []
 
     def __call__(
-        self,
-        broker_url: str,
-        *,
-        events: bool = True,
-        pool: str = "prefork",
-        concurrency: int = 2,
-        queues: Iterable[str] = ("celery",),
-        name: str | None = None,
-        ready_timeout: float = 60.0,
-        **options: Any,
+        self, broker_url: str, *, ready_timeout: float = READY_TIMEOUT, **options: Any,
     ) -> CeleryWorker:
-        worker = CeleryWorker(broker_url, events=events, pool=pool, concurrency=concurrency,
-                              queues=queues, name=name, log_dir=self.log_dir, **options)
+        worker = CeleryWorker(broker_url, log_dir=self.log_dir, **options)
         self.started.append(worker)
         worker.wait_ready(ready_timeout)
         return worker
@@ -128,8 +118,8 @@ class _Workers:
 
 @pytest.fixture
 def worker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerFactory]:
-    """``worker_factory(broker_url, *, events=True, pool="prefork", concurrency=2,
-    queues=("celery",), name=None)``: a started, ready worker, stopped at teardown."""
+    """``worker_factory(broker_url, **options)``: a started, ready ``CeleryWorker`` (options as
+    its constructor takes them), stopped at teardown."""
     workers = _Workers(tmp_path_factory.mktemp("workers"))
     yield workers
     workers.stop_all()

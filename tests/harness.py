@@ -110,7 +110,8 @@ class ExporterProcess:
         return self.samples().get((name, frozenset((labels or {}).items())), 0.0)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:

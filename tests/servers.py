@@ -33,6 +33,7 @@ __all__ = [
     "free_port",
     "group_alive",
     "kill_group",
+    "reap_group",
     "wait_for",
 ]
 
@@ -203,6 +204,23 @@ class GroupGuard:
             proc.wait()
 
 
+def reap_group(
+    proc: subprocess.Popen[bytes], guard: GroupGuard | None, log: IO[bytes] | None = None,
+) -> int:
+    """Kill what is left of ``proc``'s group (it leads its own), then free its guard and log.
+
+    Returns ``proc``'s exit status.
+    """
+    if group_alive(proc.pid):
+        kill_group(proc.pid)
+    returncode = proc.wait()
+    if guard is not None:
+        guard.release()
+    if log is not None:
+        log.close()
+    return returncode
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -229,7 +247,9 @@ class _ServerProcess:
 
     name = "server"
 
-    def __init__(self, tmp_prefix: str) -> None:
+    def __init__(self, tmp_prefix: str, port: int | None, startup_timeout: float) -> None:
+        self._port = port or free_port()
+        self.startup_timeout = startup_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix=tmp_prefix)
         self.dir = Path(self._tmp.name)
         self.log_path = self.dir / "server.log"
@@ -245,6 +265,19 @@ class _ServerProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The broker URL of the server's default database or vhost."""
+        return self.url_for()
+
+    def url_for(self) -> str:
+        """A broker URL on this server; each kind takes its own optional target (db, vhost)."""
+        raise NotImplementedError
 
     def _spawn(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap()
@@ -277,18 +310,9 @@ class _ServerProcess:
             self._reap()
 
     def _reap(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        kill_group(proc.pid)  # the leader's pid is the group id (start_new_session)
-        proc.wait()
-        self._proc = None
-        if self._guard is not None:
-            self._guard.release()
-            self._guard = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self._proc is not None:
+            reap_group(self._proc, self._guard, self._log)
+            self._proc = self._guard = self._log = None
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -325,22 +349,12 @@ class RedisServer(_ServerProcess):
                 "redis-server not found: install Debian's redis-server package "
                 "(apt-get install redis-server)"
             )
-        super().__init__("cee-redis-")
+        super().__init__("cee-redis-", port, startup_timeout)
         self.binary = binary
-        self._port = port or free_port()
-        self.startup_timeout = startup_timeout
         if start:
             self.start()
 
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return self.url_for(0)
-
-    def url_for(self, db: int) -> str:
+    def url_for(self, db: int = 0) -> str:
         """The broker URL for another database number, for tests wanting their own."""
         return f"redis://{HOST}:{self._port}/{db}"
 
@@ -423,12 +437,10 @@ class RabbitMQServer(_ServerProcess):
         epmd = shutil.which("epmd")
         if epmd is None:
             raise RuntimeError("epmd not found: install Debian's erlang-base package")
-        super().__init__("cee-rabbitmq-")
+        super().__init__("cee-rabbitmq-", port, startup_timeout)
         self.epmd_binary = epmd
-        self._port = port or free_port()
         self.epmd_port = free_port()
         self.nodename = f"cee-test-{self._port}@localhost"
-        self.startup_timeout = startup_timeout
         self._epmd: subprocess.Popen[bytes] | None = None
         self._epmd_guard: GroupGuard | None = None
         for sub in ("home", "mnesia", "log"):
@@ -439,15 +451,7 @@ class RabbitMQServer(_ServerProcess):
         if start:
             self.start()
 
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return self.url_for("/")
-
-    def url_for(self, vhost: str) -> str:
+    def url_for(self, vhost: str = "/") -> str:
         from urllib.parse import quote
 
         return f"amqp://guest:guest@{HOST}:{self._port}/{quote(vhost, safe='')}"
@@ -503,12 +507,8 @@ class RabbitMQServer(_ServerProcess):
 
     def _stop_epmd(self) -> None:
         if self._epmd is not None:
-            kill_group(self._epmd.pid)
-            self._epmd.wait()
-            self._epmd = None
-        if self._epmd_guard is not None:
-            self._epmd_guard.release()
-            self._epmd_guard = None
+            reap_group(self._epmd, self._epmd_guard)
+            self._epmd = self._epmd_guard = None
 
     def _accepts_guest(self) -> bool:
         import amqp

@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.tools import promtool
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
@@ -185,16 +186,6 @@ def base_metric(name: str, kinds: dict[str, str]) -> str:
         if name.endswith(suffix) and kinds.get(name.removesuffix(suffix)) == "histogram":
             return name.removesuffix(suffix)
     return name
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool not found on PATH. Install Debian's `prometheus` package "
-            "(apt-get install prometheus), which provides /usr/bin/promtool."
-        )
-    return path
 
 
 # ------------------------------------------------------------------------ tests

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.tools import promtool
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yaml"
@@ -62,17 +64,6 @@ EXPECTED_RECORDING_RULES = {
     "hostname:celery_worker_up:max",
     "queue:celery_queue_length:max",
 }
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool not found on PATH. Install Debian's `prometheus` package "
-            "(apt-get install prometheus), which provides /usr/bin/promtool, "
-            "or put a Prometheus release's promtool on PATH."
-        )
-    return path
 
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:

@@ -23,11 +23,12 @@ from typing import IO, Any, Protocol, Self
 
 from celery.utils.nodenames import default_nodename, host_format
 
-from tests.servers import GroupGuard, group_alive, kill_group
+from tests.servers import GroupGuard, reap_group
 
-__all__ = ["ROOT", "CeleryWorker", "WorkerFactory"]
+__all__ = ["READY_TIMEOUT", "ROOT", "CeleryWorker", "WorkerFactory"]
 
 ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 60.0
 _counter = itertools.count(1)
 
 
@@ -122,7 +123,7 @@ class CeleryWorker:
     def is_ready(self) -> bool:
         return f"{self._hostname} ready." in self.log_text()
 
-    def wait_ready(self, timeout: float = 60.0) -> Self:
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> Self:
         """Wait for Celery's "<node> ready." log line: consuming, and events (if -E) on."""
         deadline = time.monotonic() + timeout
         while not self.is_ready():
@@ -154,15 +155,8 @@ class CeleryWorker:
         return self._finish()
 
     def _finish(self) -> int | None:
-        if group_alive(self.pgid):
-            kill_group(self.pgid)
-        returncode = self.process.wait()
-        if self._guard is not None:
-            self._guard.release()
-            self._guard = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        returncode = reap_group(self.process, self._guard, self._log)
+        self._guard = self._log = None
         return returncode
 
     def close(self) -> None:
@@ -182,16 +176,11 @@ class CeleryWorker:
 
 
 class WorkerFactory(Protocol):
-    """The type of the ``worker_factory`` fixture: starts a worker and waits until it is ready."""
+    """The type of the ``worker_factory`` fixture: starts a worker and waits until it is ready.
+
+    ``options`` are ``CeleryWorker``'s keyword arguments, with its defaults.
+    """
 
     def __call__(
-        self,
-        broker_url: str,
-        *,
-        events: bool = True,
-        pool: str = "prefork",
-        concurrency: int = 2,
-        queues: Iterable[str] = ("celery",),
-        name: str | None = None,
-        **options: Any,
+        self, broker_url: str, *, ready_timeout: float = READY_TIMEOUT, **options: Any,
     ) -> CeleryWorker: ...
