@@ -31,7 +31,8 @@ def test_quick_bench_counts_every_event_and_writes_its_figures(tmp_path: Path) -
         assert set(figure) >= {"exporter", "baseline", "ratio", "target", "met"}
     assert result["figures"]["metrics_render_ms"]["samples"] > 0
 
-    exporter_runs = [r for r in result["runs"] if r["subject"] == "exporter"]
+    exporter_runs = [r for r in result["runs"]
+                     if r["subject"] == "exporter" and not r["scenario"].startswith("overload")]
     assert {r["scenario"] for r in exporter_runs} >= {
         "cpu 2000/s unbatched", "cpu 4000/s batched", "sustain 3000/s unbatched",
         "sustain 6000/s batched", "memory", "metrics grid"}
@@ -40,4 +41,11 @@ def test_quick_bench_counts_every_event_and_writes_its_figures(tmp_path: Path) -
         assert r["counted"] == r["published"]["events"], r
         assert r["lost"] == 0
     assert {r["subject"] for r in result["runs"]} == {"exporter", "baseline"}
+
+    # A stalled exporter is dropped by Redis once, counts it, says why, and saw the lag.
+    overload = result["overload"]
+    assert overload["reconnects"] == 1
+    assert overload["connected_after"] == 1
+    assert overload["cause_logged"]
+    assert overload["events_lagging_over_250ms"] > 0
     assert "| figure | exporter | Celery EventReceiver + State |" in run.stdout
