@@ -33,7 +33,7 @@ class EventsEnabler(Periodic):
     name = "enable-events"
 
     def __init__(self, config: Config) -> None:
-        super().__init__(config.enable_events_interval, stop_timeout=3 * CONNECT_TIMEOUT)
+        super().__init__(config.enable_events_interval)
         self.config = config
         self._failing = False
 

@@ -26,6 +26,10 @@ from .webconfig import WebSecurity
 
 log = logging.getLogger(__name__)
 
+RECEIVER_STOP_SECONDS = 1.0
+"""How long a stop waits for the receiver to close its connection (on AMQP that
+removes its queue at once; otherwise the broker drops it with the connection)."""
+
 
 @dataclass
 class Daemon:
@@ -104,9 +108,17 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
         self.start_background()
+        # The receiver gets a thread of its own: a broker that accepts and never
+        # answers may hold it in a socket call, and the stop must not wait for that.
+        receiving = threading.Thread(target=self.receiver.run, name="receiver", daemon=True)
+        receiving.start()
         try:
-            self.receiver.run()
+            while not self.receiver.stopping.wait(1.0):
+                if not receiving.is_alive():  # only a bug ends it: its traceback is logged
+                    raise RuntimeError("the receiver stopped unexpectedly")
         finally:
+            self.receiver.stop()
+            receiving.join(RECEIVER_STOP_SECONDS)
             self.stop_background()
             if self.tracker.spans is not None:
                 self.tracker.spans.close()

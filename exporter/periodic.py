@@ -12,15 +12,18 @@ import threading
 
 log = logging.getLogger(__name__)
 
+STOP_WAIT_SECONDS = 0.5
+"""How long ``stop()`` waits for a broker call in flight: the daemon must stop
+within 2 s, and a job's thread is a daemon thread that ends with the process."""
+
 
 class Periodic:
     """Calls ``run_once()`` at start, then every ``interval`` seconds, until ``stop()``."""
 
     name = "periodic"
 
-    def __init__(self, interval: float, stop_timeout: float) -> None:
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.stop_timeout = stop_timeout
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -35,10 +38,10 @@ class Periodic:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop and wait for a call in flight, for at most ``stop_timeout`` seconds."""
+        """Stop and wait for a call in flight, for at most ``STOP_WAIT_SECONDS``."""
         self.stopping.set()
         if self._thread is not None:
-            self._thread.join(self.stop_timeout)
+            self._thread.join(STOP_WAIT_SECONDS)
             if self._thread.is_alive():
                 log.warning("%s still busy with the broker; leaving it behind", self.name)
 

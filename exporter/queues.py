@@ -102,7 +102,7 @@ class QueuePoller(Periodic):
     def __init__(self, config: Config, metrics: Metrics,
                  queues_seen: Callable[[], Iterable[str]]) -> None:
         # A probe in flight ends within its timeouts: connect, read, close.
-        super().__init__(config.queue_poll_interval, stop_timeout=3 * config.queue_probe_timeout)
+        super().__init__(config.queue_poll_interval)
         self.config = config
         self._queues_seen = queues_seen
         self._new_probe: Callable[[Config, float], Probe] = (

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -601,3 +602,25 @@ class RabbitMQServer(_ServerProcess):
 
     def __repr__(self) -> str:
         return f"RabbitMQServer(port={self._port}, node={self.nodename}, running={self.running})"
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: a broker that hangs."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self.listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.accepted:
+            connection.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import uuid
 from collections.abc import Iterator
 
@@ -13,7 +11,7 @@ import redis
 from exporter.queues import redis_keys
 from tests.celery_app import make_app
 from tests.harness import InProcessExporter, scrape
-from tests.servers import free_port, wait_for
+from tests.servers import SilentServer, free_port, wait_for
 
 POLL = ("--queue-poll-interval", "0.2")
 
@@ -154,28 +152,6 @@ def test_a_broker_that_is_down_counts_errors_and_the_daemon_keeps_serving(
              30, "two failed probes")
     assert length(exporter, "jobs") is None
     assert "celery_exporter_queue_probe_errors_total" in scrape(exporter.url)
-
-
-class SilentServer:
-    """Accepts TCP connections and never answers: a broker that hangs."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                self.accepted.append(self.listener.accept()[0])
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.listener.close()
-        for connection in self.accepted:
-            connection.close()
 
 
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])

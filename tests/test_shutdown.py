@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.harness import ExporterProcess
-from tests.servers import RabbitMQServer, RedisServer, wait_for
+from tests.servers import RabbitMQServer, RedisServer, SilentServer, wait_for
 
 DEADLINE = 5.0
 """Generous bound on the stop; the requirement is 2 s, reported by the print below."""
@@ -98,3 +98,17 @@ def test_stop_while_the_broker_is_away() -> None:
             stop_and_time(exporter, signal.SIGTERM)
         finally:
             exporter.stop(signal.SIGKILL)
+
+
+def test_stop_while_a_queue_probe_hangs() -> None:
+    """A broker that accepts and never answers holds a probe thread, not the stop."""
+    silent = SilentServer()
+    exporter = ExporterProcess(["--broker-url", f"redis://127.0.0.1:{silent.port}/0",
+                                "--queue-probe-timeout", "60", "--queue-poll-interval", "1"])
+    try:
+        exporter.wait_serving()
+        wait_for(lambda: len(silent.accepted) >= 2, 30, "the receiver and the probe connecting")
+        stop_and_time(exporter, signal.SIGTERM)
+    finally:
+        exporter.stop(signal.SIGKILL)
+        silent.close()
