@@ -8,7 +8,10 @@ baseline (``bench.baseline``) as processes of their own, drives them with
 * the highest rate sustained for the window with zero loss (events counted
   by the subject == events published), climbing a ladder of rates;
 * resident memory (VmRSS) with 100k unfinished tasks from 1,000 workers;
-* ``/metrics`` render time with a series for every worker x task name.
+* ``/metrics`` render time with a series for every worker x task name;
+* CPU per event with ``--otlp-traces`` on, posting to ``bench.sink``, over
+  the same traffic, as a ratio to the untraced run (the traffic has no
+  ``task-sent``, so spans start at ``task-received``).
 
 Prints one table and writes it, with the raw runs, as JSON.
 """
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +36,15 @@ from typing import Any
 from tests.harness import ExporterProcess, parse, scrape
 from tests.servers import RedisServer
 
+from .sink import TraceSink
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 TICKS = os.sysconf("SC_CLK_TCK")
 PUBSUB_BUFFER_LIMIT = "pubsub 33554432 8388608 60"
 """Redis' default: a subscriber 32 MB behind, or 8 MB for a minute, is disconnected."""
+TRACE_BATCH_DELAY_MS = "200"
+"""OTEL_BSP_SCHEDULE_DELAY: the last partial batch is exported within the CPU window."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,8 @@ TARGETS = {  # figure: (bound, "max" when the figure must stay below it, else "m
     "zero_loss_rate_batched": (200_000, "min"),
     "rss_mb_100k_tasks": (150.0, "max"),
     "metrics_render_ms": (100.0, "max"),
+    "traced_cpu_ratio_unbatched": (2.0, "max"),
+    "traced_cpu_ratio_batched": (2.0, "max"),
 }
 LABELS = {
     "cpu_us_per_event_unbatched": "CPU per event, unbatched (µs)",
@@ -85,6 +95,8 @@ LABELS = {
     "zero_loss_rate_batched": "zero-loss rate for the window, batched (events/s)",
     "rss_mb_100k_tasks": "resident memory, 100k tasks + 1,000 workers (MB)",
     "metrics_render_ms": "/metrics render, 200 workers x 50 names (ms, median)",
+    "traced_cpu_ratio_unbatched": "CPU per event, traces on / off, unbatched (x)",
+    "traced_cpu_ratio_batched": "CPU per event, traces on / off, batched (x)",
 }
 
 
@@ -119,12 +131,18 @@ def rss_mb(pid: int) -> float:
 
 
 class Exporter:
-    """The daemon under test, counted through its own /metrics."""
+    """The daemon under test, counted through its own /metrics.
 
-    name = "exporter"
+    With ``traces`` (an OTLP/HTTP endpoint) it runs with ``--otlp-traces``.
+    """
 
-    def __init__(self, broker_url: str) -> None:
-        self.process = ExporterProcess(["--broker-url", broker_url, "--log-level", "warning"])
+    def __init__(self, broker_url: str, traces: str | None = None) -> None:
+        self.name = "exporter+traces" if traces else "exporter"
+        tracing = ["--otlp-traces"] if traces else []
+        env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": traces,
+               "OTEL_BSP_SCHEDULE_DELAY": TRACE_BATCH_DELAY_MS} if traces else None
+        self.process = ExporterProcess(
+            ["--broker-url", broker_url, "--log-level", "warning", *tracing], env=env)
         self.process.wait_serving()
         self.pid = self.process.process.pid
         deadline = time.monotonic() + 15
@@ -171,6 +189,8 @@ class Baseline:
 
 
 Subject = Exporter | Baseline
+Start = Callable[[str], Subject]
+"""A subject's class, or any callable making one from the broker URL."""
 
 
 class Bench:
@@ -179,7 +199,7 @@ class Bench:
         self.redis = redis
         self.runs: list[dict[str, Any]] = []
 
-    def start(self, kind: type[Subject]) -> Subject:
+    def start(self, kind: Start) -> Subject:
         subject = kind(self.redis.url)
         try:
             self._wait_subscribed()
@@ -234,7 +254,7 @@ class Bench:
               f"{run['cpu_us_per_event']:>6} µs/event", file=sys.stderr)
         return run
 
-    def cpu(self, kind: type[Subject], batched: bool) -> float:
+    def cpu(self, kind: Start, batched: bool) -> float:
         """CPU per event over the same traffic for both subjects, at the target rate.
 
         Redis' output-buffer limit is lifted meanwhile, so a subject slower than
@@ -254,7 +274,7 @@ class Bench:
             subject.stop()
         return run["cpu_us_per_event"]
 
-    def zero_loss(self, kind: type[Subject], ladder: tuple[float, ...], batched: bool) -> float:
+    def zero_loss(self, kind: Start, ladder: tuple[float, ...], batched: bool) -> float:
         """The highest rate of the ladder sustained with zero loss (0: none)."""
         subject, best = self.start(kind), 0.0
         try:
@@ -270,7 +290,7 @@ class Bench:
             subject.stop()
         return best
 
-    def memory(self, kind: type[Subject]) -> float:
+    def memory(self, kind: Start) -> float:
         subject = self.start(kind)
         try:
             run = self.traffic(subject, "memory", "--mode", "received",
@@ -375,10 +395,22 @@ def main(argv: list[str] | None = None) -> int:
 
     redis = RedisServer()
     bench = Bench(sizes, redis)
+    sink = TraceSink()
+
+    def traced(broker_url: str) -> Exporter:
+        return Exporter(broker_url, traces=sink.endpoint)
+
     try:
         figures = {
             "cpu_us_per_event_unbatched": (bench.cpu(Exporter, False), bench.cpu(Baseline, False)),
             "cpu_us_per_event_batched": (bench.cpu(Exporter, True), bench.cpu(Baseline, True)),
+        }
+        traced_us = {mode: bench.cpu(traced, batched)
+                     for mode, batched in (("unbatched", False), ("batched", True))}
+        for mode, us in traced_us.items():
+            figures[f"traced_cpu_ratio_{mode}"] = (us / figures[f"cpu_us_per_event_{mode}"][0],
+                                                   None)
+        figures |= {
             "zero_loss_rate_unbatched": (
                 bench.zero_loss(Exporter, sizes.ladder_unbatched, False),
                 bench.zero_loss(Baseline, sizes.baseline_ladder, False)),
@@ -390,14 +422,17 @@ def main(argv: list[str] | None = None) -> int:
         render_ms, samples = bench.render()
         overload = bench.overload(stall=quick)
     finally:
+        sink.close()
         redis.close()
     result = {
         "mode": "quick" if quick else "full", "machine": machine(), "sizes": asdict(sizes),
         "figures": {key: figure(key, ex, base, quick) for key, (ex, base) in figures.items()},
-        "overload": overload, "runs": bench.runs,
+        "overload": overload, "traces": sink.counts(), "runs": bench.runs,
     }
     result["figures"]["metrics_render_ms"] = figure("metrics_render_ms", render_ms, None, quick)
     result["figures"]["metrics_render_ms"]["samples"] = samples
+    for mode, us in traced_us.items():
+        result["figures"][f"traced_cpu_ratio_{mode}"]["traced_us_per_event"] = us
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, "

@@ -32,6 +32,51 @@ DEFAULT_TIMEOUT_MS = 10_000
 _QUAD = struct.Struct("<Q")
 _DOUBLE = struct.Struct("<d")
 
+# Protobuf wire types.
+VARINT, I64, LEN = 0, 1, 2
+
+
+def _tag(field_number: int, wire_type: int) -> bytes:
+    """A field's key; every field number used here is below 16, so it is one byte."""
+    return bytes((field_number << 3 | wire_type,))
+
+
+# Field keys, named ``MESSAGE_FIELD`` after opentelemetry/proto/collector/trace/v1/
+# trace_service.proto, trace/v1/trace.proto, resource/v1/resource.proto and
+# common/v1/common.proto, with their field numbers.
+REQUEST_RESOURCE_SPANS = _tag(1, LEN)  # ExportTraceServiceRequest.resource_spans
+RESOURCE_SPANS_RESOURCE = _tag(1, LEN)
+RESOURCE_SPANS_SCOPE_SPANS = _tag(2, LEN)
+RESOURCE_ATTRIBUTES = _tag(1, LEN)
+SCOPE_SPANS_SCOPE = _tag(1, LEN)
+SCOPE_SPANS_SPANS = _tag(2, LEN)
+SCOPE_NAME = _tag(1, LEN)  # InstrumentationScope
+SCOPE_VERSION = _tag(2, LEN)
+SPAN_TRACE_ID = _tag(1, LEN)
+SPAN_SPAN_ID = _tag(2, LEN)
+SPAN_PARENT_SPAN_ID = _tag(4, LEN)
+SPAN_NAME = _tag(5, LEN)
+SPAN_KIND = _tag(6, VARINT)
+SPAN_START_TIME = _tag(7, I64)  # start_time_unix_nano, fixed64
+SPAN_END_TIME = _tag(8, I64)
+SPAN_ATTRIBUTES = _tag(9, LEN)
+SPAN_EVENTS = _tag(11, LEN)
+SPAN_STATUS = _tag(15, LEN)
+EVENT_TIME = _tag(1, I64)  # Span.Event.time_unix_nano, fixed64
+EVENT_NAME = _tag(2, LEN)
+EVENT_ATTRIBUTES = _tag(3, LEN)
+STATUS_MESSAGE = _tag(2, LEN)
+STATUS_CODE = _tag(3, VARINT)
+KEY_VALUE_KEY = _tag(1, LEN)
+KEY_VALUE_VALUE = _tag(2, LEN)
+ANY_STRING = _tag(1, LEN)  # AnyValue.string_value
+ANY_BOOL = _tag(2, VARINT)
+ANY_INT = _tag(3, VARINT)
+ANY_DOUBLE = _tag(4, I64)
+_ID16 = SPAN_TRACE_ID + b"\x10"  # trace ids are 16 bytes, span ids 8
+_ID8 = SPAN_SPAN_ID + b"\x08"
+_PARENT8 = SPAN_PARENT_SPAN_ID + b"\x08"
+
 
 class ExportError(Exception):
     """A batch the collector did not take."""
@@ -45,63 +90,93 @@ def encode(spans: Iterable[Any]) -> bytes:
         group = groups.get((id(resource), id(scope)))
         if group is None:
             group = groups[id(resource), id(scope)] = (resource, scope, [])
-        group[2].append(_span(span))
+        group[2].append(_field(SCOPE_SPANS_SPANS, _span(span)))
     return b"".join(
-        _field(0x0A, _field(0x0A, _attributes(0x0A, resource.attributes))
-               + _field(0x12, _scope(scope) + b"".join(_field(0x12, span) for span in encoded)))
+        _field(REQUEST_RESOURCE_SPANS,
+               _field(RESOURCE_SPANS_RESOURCE,
+                      _attributes(RESOURCE_ATTRIBUTES, resource.attributes))
+               + _field(RESOURCE_SPANS_SCOPE_SPANS, _scope(scope) + b"".join(encoded)))
         for resource, scope, encoded in groups.values()
     )
 
 
 def _span(span: Any) -> bytes:
-    context, parent, status = span.context, span.parent, span.status
-    parts = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"),
-             b"\x12\x08", context.span_id.to_bytes(8, "big")]
+    context, parent = span.context, span.parent
+    parts = [_ID16, context.trace_id.to_bytes(16, "big"), _ID8, context.span_id.to_bytes(8, "big")]
     if parent is not None:
-        parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-    parts += (_field(0x2A, span.name.encode()), b"\x30", _varint(span.kind.value + 1),
-              b"\x39", _QUAD.pack(span.start_time), b"\x41", _QUAD.pack(span.end_time),
-              _attributes(0x4A, span.attributes))
+        parts += (_PARENT8, parent.span_id.to_bytes(8, "big"))
+    parts += (_name_and_kind(span.name, span.kind.value),
+              SPAN_START_TIME, _QUAD.pack(span.start_time),
+              SPAN_END_TIME, _QUAD.pack(span.end_time))
+    parts += [_key_value(SPAN_ATTRIBUTES, key, value) for key, value in span.attributes.items()]
     for event in span.events:
-        parts.append(_field(0x5A, b"\x09" + _QUAD.pack(event.timestamp)
-                            + _field(0x12, event.name.encode())
-                            + _attributes(0x1A, event.attributes)))
-    code = status.status_code.value
-    message = (status.description or "").encode()
-    parts.append(_field(0x7A, (_field(0x12, message) if message else b"")
-                        + (b"\x18" + _varint(code) if code else b"")))
+        tail = _event_tail(event.name, tuple(event.attributes.items()))
+        parts.append(_field(SPAN_EVENTS, EVENT_TIME + _QUAD.pack(event.timestamp) + tail))
+    parts.append(_status(span.status.status_code.value, span.status.description))
     return b"".join(parts)
 
 
+@lru_cache(maxsize=1024)
+def _name_and_kind(name: str, kind: int) -> bytes:
+    """``name`` and ``kind``: the SDK's ``SpanKind`` counts from 0, OTLP's from 1 (unspecified)."""
+    return _field(SPAN_NAME, name.encode()) + SPAN_KIND + _varint(kind + 1)
+
+
+@lru_cache(maxsize=1024)
+def _event_tail(name: str, attributes: tuple[tuple[str, Any], ...]) -> bytes:
+    """A span event but its time: one per event name and worker, mostly."""
+    return _field(EVENT_NAME, name.encode()) + b"".join(
+        _key_value(EVENT_ATTRIBUTES, key, value) for key, value in attributes)
+
+
+@lru_cache(maxsize=256)
+def _status(code: int, description: str | None) -> bytes:
+    message = (description or "").encode()
+    return _field(SPAN_STATUS, (_field(STATUS_MESSAGE, message) if message else b"")
+                  + (STATUS_CODE + _varint(code) if code else b""))
+
+
 def _scope(scope: Any) -> bytes:
-    return _field(0x0A, _field(0x0A, scope.name.encode())
-                  + (_field(0x12, scope.version.encode()) if scope.version else b""))
+    return _field(SCOPE_SPANS_SCOPE, _field(SCOPE_NAME, scope.name.encode())
+                  + (_field(SCOPE_VERSION, scope.version.encode()) if scope.version else b""))
 
 
-def _attributes(tag: int, attributes: Mapping[str, Any] | None) -> bytes:
+def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     if not attributes:
         return b""
     return b"".join([_key_value(tag, key, value) for key, value in attributes.items()])
 
 
+def _key_value(tag: bytes, key: str, value: Any) -> bytes:
+    """One ``KeyValue`` field; floats (measurements, seldom repeated) cache only their key."""
+    if type(value) is float:
+        return _double_key(tag, key) + _DOUBLE.pack(value)
+    return _cached_key_value(tag, key, value)
+
+
+@lru_cache(maxsize=256)
+def _double_key(tag: bytes, key: str) -> bytes:
+    """A double ``KeyValue`` but its 8 value bytes, which have a fixed size."""
+    head = _field(KEY_VALUE_KEY, key.encode()) + KEY_VALUE_VALUE + bytes((1 + 8,)) + ANY_DOUBLE
+    return tag + _varint(len(head) + 8) + head
+
+
 @lru_cache(maxsize=4096, typed=True)
-def _key_value(tag: int, key: str, value: Any) -> bytes:
-    """One ``KeyValue`` field; cached, as most pairs repeat from span to span."""
+def _cached_key_value(tag: bytes, key: str, value: Any) -> bytes:
+    """Most pairs (task names, queues, hosts, states) repeat from span to span."""
     if isinstance(value, bool):
-        any_value = b"\x10" + (b"\x01" if value else b"\x00")
+        any_value = ANY_BOOL + (b"\x01" if value else b"\x00")
     elif isinstance(value, int):
-        any_value = b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)
-    elif isinstance(value, float):
-        any_value = b"\x21" + _DOUBLE.pack(value)
+        any_value = ANY_INT + _varint(value & 0xFFFFFFFFFFFFFFFF)
     else:
-        any_value = _field(0x0A, str(value).encode())
-    return _field(tag, _field(0x0A, key.encode()) + _field(0x12, any_value))
+        any_value = _field(ANY_STRING, str(value).encode())
+    return _field(tag, _field(KEY_VALUE_KEY, key.encode()) + _field(KEY_VALUE_VALUE, any_value))
 
 
-def _field(tag: int, payload: bytes) -> bytes:
-    """A length-delimited field; every tag used here fits one byte."""
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: key, varint length, payload."""
     size = len(payload)
-    return bytes((tag, size)) + payload if size < 0x80 else bytes((tag,)) + _varint(size) + payload
+    return tag + (bytes((size,)) if size < 0x80 else _varint(size)) + payload
 
 
 def _varint(value: int) -> bytes:

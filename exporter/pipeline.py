@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .decode import InvalidMessage, check_event, decode_body, unwrap_redis_envelope
+from .decode import MALFORMED, InvalidMessage, check_event, decode_body, unwrap_redis_envelope
 from .health import Health
 from .metrics import Metrics
 from .tracker import Tracker
@@ -70,6 +70,10 @@ class Pipeline:
             self._next_tick = now + TICK_SECONDS
             self.tracker.tick(now)
             self.health.beat()
+
+    def on_unreadable(self, detail: str) -> None:
+        """A message the transport itself could not parse, so never reached us."""
+        self._drop(MALFORMED, detail)
 
     def _drop(self, reason: str, detail: str) -> None:
         self._invalid.inc((reason,))

@@ -66,6 +66,8 @@ class Sink(Protocol):
 
     def on_idle(self, now: float) -> None: ...
 
+    def on_unreadable(self, detail: str) -> None: ...
+
 
 class Receiver:
     """Runs ``consume()`` until stopped, reconnecting with capped exponential backoff."""
@@ -165,6 +167,10 @@ class KombuReceiver(Receiver):
                     except TimeoutError:
                         connection.heartbeat_check()
                         self.sink.on_idle(time.time())
+                    except ValueError as exc:
+                        # kombu's own decoding failed (the filesystem transport can
+                        # read a message file mid-write): that message is lost, not us.
+                        self.sink.on_unreadable(f"{type(exc).__name__}: {exc}")
 
     def _on_message(self, message: Message) -> None:
         self.sink.on_body(message.body, message.content_type, time.time())

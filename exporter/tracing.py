@@ -146,8 +146,12 @@ class Spans:
             if state.name is None and isinstance(event.get("name"), str):
                 state.name = event["name"]
             _count_retries(state, event)
+            received = _ns(event["timestamp"])
+            # A client stamps task-sent after publishing: a quick worker's
+            # task-received can be earlier, and a span never starts after its events.
+            state.start = min(state.start, received)
             state.events.append(SpanEvent("received", {"celery.worker.hostname": hostname},
-                                          _ns(event["timestamp"])))
+                                          received))
 
     def _on_started(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)

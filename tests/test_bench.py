@@ -40,7 +40,15 @@ def test_quick_bench_counts_every_event_and_writes_its_figures(tmp_path: Path) -
         assert r["published"]["error"] == ""
         assert r["counted"] == r["published"]["events"], r
         assert r["lost"] == 0
-    assert {r["subject"] for r in result["runs"]} == {"exporter", "baseline"}
+    assert {r["subject"] for r in result["runs"]} == {"exporter", "exporter+traces", "baseline"}
+
+    # With traces on, the same traffic ran and its spans reached the sink.
+    traced_runs = [r for r in result["runs"] if r["subject"] == "exporter+traces"]
+    assert {r["scenario"] for r in traced_runs} == {"cpu 2000/s unbatched", "cpu 4000/s batched"}
+    for r in traced_runs:
+        assert r["lost"] == 0
+    assert result["traces"]["spans"] > 0
+    assert result["figures"]["traced_cpu_ratio_batched"]["traced_us_per_event"] > 0
 
     # A stalled exporter is dropped by Redis once, counts it, says why, and saw the lag.
     overload = result["overload"]
