@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import pybase64
 
 try:
     import msgpack
@@ -85,7 +86,8 @@ _INF = float("inf")
 # kombu writes the envelope with json.dumps in one fixed layout: base64 body first,
 # content type third, ``body_encoding`` in the properties that close it. Parsing the
 # whole envelope costs more than the event inside it, so that layout is read by
-# slicing; anything else goes through the JSON parser.
+# slicing; anything else goes through the JSON parser. pybase64 decodes with SIMD, several
+# times faster than binascii on the kilobytes of a batch.
 _KOMBU_BODY = b'{"body": "'
 _KOMBU_AFTER_BODY = re.compile(rb'", "content-encoding": "[^"\\]*", '
                                rb'"content-type": "([^"\\]*)", "headers": \{')
@@ -101,7 +103,7 @@ def unwrap_redis_envelope(data: bytes) -> tuple[bytes, str]:
         kombu = _KOMBU_AFTER_BODY.match(data, end)
         if kombu and data.rfind(_KOMBU_BASE64, kombu.end()) > 0:
             try:
-                body = binascii.a2b_base64(data[len(_KOMBU_BODY):end], strict_mode=True)
+                body = pybase64.b64decode(data[len(_KOMBU_BODY):end], validate=True)
             except binascii.Error as exc:
                 raise InvalidMessage(MALFORMED, str(exc)) from None
             return body, kombu[1].decode()

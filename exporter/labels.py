@@ -8,6 +8,8 @@ name cannot grow the exporter without bound.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from .metrics import Counter
 
 OTHER = "other"
@@ -20,14 +22,17 @@ class LabelLimiter:
     def __init__(self, max_values: int, folded: Counter) -> None:
         self.max_values = max_values
         self._folded = folded
-        self._seen: dict[str, set[str]] = {}
+        self._seen: defaultdict[str, set[str]] = defaultdict(set)
 
     def __call__(self, label: str, value: str) -> str:
-        seen = self._seen.get(label)
-        if seen is None:
-            seen = self._seen[label] = set()
+        """The value to export: ``value`` itself once admitted, the common case."""
+        seen = self._seen[label]
         if value in seen:
             return value
+        return self._admit(seen, label, value)
+
+    def _admit(self, seen: set[str], label: str, value: str) -> str:
+        """A value not seen yet: admitted while the label has room, else folded."""
         if len(value) > MAX_LENGTH:
             value = value[:MAX_LENGTH]
             if value in seen:
@@ -40,4 +45,4 @@ class LabelLimiter:
 
     def release(self, label: str, value: str) -> None:
         """Free the slot of a value that is gone (a purged worker)."""
-        self._seen.get(label, set()).discard(value)
+        self._seen[label].discard(value)
