@@ -249,12 +249,45 @@ class HttpSpanExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
+BATCH_DEFAULTS = (("max_queue_size", "OTEL_BSP_MAX_QUEUE_SIZE", 16_384),
+                  ("max_export_batch_size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2_048))
+"""A quarter of a second of spans at 60,000 tasks a second, some 50 MB at most."""
+_QUEUE_FULL_LOGGER = "opentelemetry.sdk._shared_internal"
+
+
+class _OncePerMinute(logging.Filter):
+    """The SDK logs each span it drops from a full queue; past the first, that
+    logging would cost more than the spans, just when the exporter is behind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logged_at = -WARN_EVERY_SECONDS
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Queue full"):
+            return True
+        now = time.monotonic()
+        if now - self._logged_at < WARN_EVERY_SECONDS:
+            return False
+        self._logged_at = now
+        return True
+
+
+_QUEUE_FULL_ONCE_PER_MINUTE = _OncePerMinute()
+
+
 def build(sample_ratio: float, environ: Mapping[str, str] | None = None) -> Spans:
     """Spans exported by OTLP as the standard OTEL_* environment variables say."""
     environ = os.environ if environ is None else environ
     resource = Resource.create({SERVICE_NAME: DEFAULT_SERVICE_NAME}).merge(
         OTELResourceDetector().detect())  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
-    return Spans(BatchSpanProcessor(_span_exporter(environ)), resource, sample_ratio)
+    # The SDK's defaults (a 2,048-span queue, 512 a request) suit one process's own
+    # spans; here every task of the cluster ends a span, thousands a second.
+    sizes = {name: None if variable in environ else size
+             for name, variable, size in BATCH_DEFAULTS}
+    logging.getLogger(_QUEUE_FULL_LOGGER).addFilter(_QUEUE_FULL_ONCE_PER_MINUTE)
+    processor = BatchSpanProcessor(_span_exporter(environ), **sizes)
+    return Spans(processor, resource, sample_ratio)
 
 
 def _span_exporter(environ: Mapping[str, str]) -> SpanExporter:
