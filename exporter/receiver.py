@@ -170,7 +170,8 @@ class KombuReceiver(Receiver):
                     except ValueError as exc:
                         # kombu's own decoding failed (the filesystem transport can
                         # read a message file mid-write): that message is lost, not us.
-                        self.sink.on_unreadable(f"{type(exc).__name__}: {exc}")
+                        self.sink.on_unreadable("kombu could not decode a message "
+                                                f"({type(exc).__name__}: {exc})")
 
     def _on_message(self, message: Message) -> None:
         self.sink.on_body(message.body, message.content_type, time.time())
