@@ -20,18 +20,44 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from celery import Celery
 from celery.exceptions import Reject
+from kombu.transport import TRANSPORT_ALIASES, filesystem
+from kombu.utils.json import dumps
 
 from .config import Config
 
 log = logging.getLogger(__name__)
 
 FOLDER_ENV = "CELERY_EXPORTER_DEMO_FOLDER"
+TRANSPORT = "demo-filesystem"
 QUEUES = ("celery", "reports")
 SEND_EVERY = 0.15
+
+
+class AtomicChannel(filesystem.Channel):
+    """kombu's filesystem channel writes a message file in place, where a reader
+    polling the folder can take it half-written (and a Celery worker dies of it);
+    this one writes it under another name and renames it into the queue."""
+
+    def _put(self, queue: str, payload: object, **kwargs: object) -> None:
+        path = Path(self.data_folder_out, f"{int(time.monotonic() * 1000)}_{uuid.uuid4()}"
+                                          f".{queue}.msg")
+        partial = path.with_suffix(".partial")
+        partial.write_text(dumps(payload))
+        partial.replace(path)
+
+
+class AtomicTransport(filesystem.Transport):
+    """The filesystem transport with whole messages only, for the demo's producers."""
+
+    Channel = AtomicChannel
+
+
+TRANSPORT_ALIASES[TRANSPORT] = f"{__name__}:AtomicTransport"
 
 
 def transport_options(folder: str) -> dict[str, object]:
@@ -45,7 +71,7 @@ def transport_options(folder: str) -> dict[str, object]:
 
 
 def make_app(folder: str) -> Celery:
-    app = Celery("demo", broker="filesystem://", set_as_current=False)
+    app = Celery("demo", broker=f"{TRANSPORT}://", set_as_current=False)
     app.conf.update(
         broker_transport_options=transport_options(folder),
         task_send_sent_event=True,
