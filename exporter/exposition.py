@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .metrics import COUNTER, HISTOGRAM, Histogram, LabelValues, Metrics, _bound_text
+from .metrics import COUNTER, HISTOGRAM, Histogram, LabelValues, Metrics
 
 
 class TextWriter:
@@ -40,7 +40,7 @@ class TextWriter:
                       for key, _ in items}
             self._labels[spec.name] = labels  # series gone since the last scrape drop out
             if isinstance(family, Histogram):
-                _histogram_lines(out, spec.name, family.bounds, items, labels)
+                _histogram_lines(out, family, items, labels)
             else:
                 name = spec.name
                 out.extend(f"{name}{labels[key][0]} {_value(value)}\n"
@@ -75,20 +75,17 @@ def _label_text(names: tuple[str, ...], values: LabelValues, extra: tuple[tuple[
     return plain, before, after
 
 
-def _histogram_lines(out: list[str], name: str, bounds: tuple[float, ...],
+def _histogram_lines(out: list[str], family: Histogram,
                      items: list[tuple[LabelValues, list[float]]],
                      labels: dict[LabelValues, tuple[str, str, str]]) -> None:
-    edges = [_bound_text(bound) for bound in bounds] + ["+Inf"]
+    name = family.spec.name
     for key, series in items:
-        series = list(series)
+        buckets, total = family.buckets(series)
         plain, before, after = labels[key]
-        cumulative = 0.0
-        for edge, count in zip(edges, series, strict=False):
-            cumulative += count
-            out.append(f'{name}_bucket{{{before}le="{edge}"{after}}} '
-                       f"{_value(cumulative)}\n")
-        out.append(f"{name}_count{plain} {_value(cumulative)}\n"
-                   f"{name}_sum{plain} {_value(series[-1])}\n")
+        out.extend(f'{name}_bucket{{{before}le="{edge}"{after}}} {_value(cumulative)}\n'
+                   for edge, cumulative in buckets)
+        out.append(f"{name}_count{plain} {_value(buckets[-1][1])}\n"
+                   f"{name}_sum{plain} {_value(total)}\n")
 
 
 class Registry(CollectorRegistry):

@@ -160,6 +160,7 @@ class Histogram:
     def __init__(self, spec: MetricSpec, bounds: Sequence[float]) -> None:
         self.spec = spec
         self.bounds = tuple(bounds)
+        self.edges = (*(_bound_text(bound) for bound in self.bounds), "+Inf")
         self.values: dict[LabelValues, list[float]] = {}
 
     def observe(self, labels: LabelValues, value: float) -> None:
@@ -169,9 +170,17 @@ class Histogram:
         series[bisect_left(self.bounds, value)] += 1
         series[-1] += value
 
-    def count(self, labels: LabelValues = ()) -> int:
-        series = self.values.get(labels)
-        return sum(series[:-1]) if series else 0
+    def buckets(self, series: list[float]) -> tuple[list[tuple[str, float]], float]:
+        """``(le, cumulative count)`` per bucket, and the sum, of one series.
+
+        Read from a copy: the event thread may be adding to the series.
+        """
+        series = list(series)
+        cumulative, buckets = 0.0, []
+        for edge, count in zip(self.edges, series, strict=False):
+            cumulative += count
+            buckets.append((edge, cumulative))
+        return buckets, series[-1]
 
 
 Family = Counter | Gauge | Histogram
@@ -244,7 +253,7 @@ class Metrics(Collector):
             # Copy first: the event thread may add series while we render.
             items = list(family.values.items())
             if isinstance(family, Histogram):
-                yield _histogram_family(spec, labels, family.bounds, items, extra_values)
+                yield _histogram_family(family, labels, items, extra_values)
                 continue
             if isinstance(family, Gauge):
                 metric: Metric = GaugeMetricFamily(spec.name, spec.help, labels=labels)
@@ -257,21 +266,15 @@ class Metrics(Collector):
 
 
 def _histogram_family(
-    spec: MetricSpec,
+    family: Histogram,
     labels: list[str],
-    bounds: tuple[float, ...],
     items: Iterable[tuple[LabelValues, list[float]]],
     extra_values: LabelValues,
 ) -> HistogramMetricFamily:
-    metric = HistogramMetricFamily(spec.name, spec.help, labels=labels)
-    edges = [_bound_text(bound) for bound in bounds] + ["+Inf"]
+    metric = HistogramMetricFamily(family.spec.name, family.spec.help, labels=labels)
     for key, series in items:
-        series = list(series)
-        cumulative, buckets = 0.0, []
-        for edge, count in zip(edges, series, strict=False):
-            cumulative += count
-            buckets.append((edge, cumulative))
-        metric.add_metric(list(key + extra_values), buckets, series[-1])
+        buckets, total = family.buckets(series)
+        metric.add_metric(list(key + extra_values), buckets, total)
     return metric
 
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .labels import OTHER, LabelLimiter
-from .metrics import Metrics
+from .metrics import Counter, Metrics
 from .workers import WorkerTracker
 
 UNKNOWN = "unknown"
@@ -308,14 +308,16 @@ class Tracker:
         self._retried.inc((task.name, hostname, task.queue, exception))
 
     def _on_rejected(self, event: Event, arrival: float) -> None:
-        task = self._finish(event["uuid"])
-        hostname = self.label("hostname", event["hostname"])
-        self._rejected.inc((task.name, hostname, task.queue))
+        self._ended(event, self._rejected)
 
     def _on_revoked(self, event: Event, arrival: float) -> None:
+        self._ended(event, self._revoked)
+
+    def _ended(self, event: Event, counter: Counter) -> None:
+        """A final event that carries nothing but the task and the worker."""
         task = self._finish(event["uuid"])
         hostname = self.label("hostname", event["hostname"])
-        self._revoked.inc((task.name, hostname, task.queue))
+        counter.inc((task.name, hostname, task.queue))
 
     def _on_heartbeat(self, event: Event, arrival: float) -> None:
         hostname = self.label("hostname", event["hostname"])

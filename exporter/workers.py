@@ -53,7 +53,7 @@ class WorkerTracker:
         info = (_text(event.get("sw_ident")), _text(event.get("sw_ver")),
                 _text(event.get("sw_sys")))  # fmt: skip
         if info != worker.info:
-            self._info.values.pop(key + worker.info, None)
+            self._info.remove(key + worker.info)
             worker.info = info
             self._info.set(key + info, 1)
 
