@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -104,6 +105,9 @@ class Daemon:
     def run(self) -> None:
         """Serve and receive until SIGTERM or SIGINT."""
         server = self.serve()
+        # Modules and wiring live as long as the process: frozen, they are left out of
+        # the collector's full passes, which then visit only what the events create.
+        gc.freeze()
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)

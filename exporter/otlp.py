@@ -4,8 +4,8 @@ The SDK's generic encoder builds a protobuf object per field and costs
 tens of microseconds a span, more than the rest of a task's events
 together. These spans have one shape (attributes, events, status, a
 parent; no links or trace state), so they are written to the wire format
-directly, with the key/value pairs that repeat (task names, queues, hosts)
-encoded once. Only the standard library is used; ``tracing`` wraps this
+directly, with the attributes that repeat (task names, queues, hosts,
+outcomes) encoded once. Only the standard library is used; ``tracing`` wraps this
 in an SDK ``SpanExporter``.
 
 The destination follows the standard environment variables:
@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
@@ -34,6 +34,8 @@ _DOUBLE = struct.Struct("<d")
 
 # Protobuf wire types.
 VARINT, I64, LEN = 0, 1, 2
+KIND_CONSUMER = 5  # Span.SpanKind.SPAN_KIND_CONSUMER
+Attributes = tuple[tuple[str, Any], ...]
 
 
 def _tag(field_number: int, wire_type: int) -> bytes:
@@ -82,63 +84,87 @@ class ExportError(Exception):
     """A batch the collector did not take."""
 
 
-def encode(spans: Iterable[Any]) -> bytes:
-    """An ``ExportTraceServiceRequest`` of SDK ``ReadableSpan``s, grouped by resource and scope."""
-    groups: dict[tuple[int, int], tuple[Any, Any, list[bytes]]] = {}
-    for span in spans:
-        resource, scope = span.resource, span.instrumentation_scope
-        group = groups.get((id(resource), id(scope)))
-        if group is None:
-            group = groups[id(resource), id(scope)] = (resource, scope, [])
-        group[2].append(_field(SCOPE_SPANS_SPANS, _span(span)))
-    return b"".join(
-        _field(REQUEST_RESOURCE_SPANS,
-               _field(RESOURCE_SPANS_RESOURCE,
-                      _attributes(RESOURCE_ATTRIBUTES, resource.attributes))
-               + _field(RESOURCE_SPANS_SCOPE_SPANS, _scope(scope) + b"".join(encoded)))
-        for resource, scope, encoded in groups.values()
-    )
+class Span(Protocol):
+    """A finished span as ``tracing.TaskTrace`` holds it: ids as integers (no parent: 0),
+    times in nanoseconds, events as (time, name, attributes), status as (code, message)."""
+
+    trace_id: int
+    span_id: int
+    parent_span_id: int
+    name: str
+    start: int
+    end: int
+    events: list[tuple[int, str, Attributes]]
+    status: tuple[int, str]
+
+    def attributes(self) -> tuple[Attributes, Attributes]:
+        """Attributes many spans share, then the span's own."""
 
 
-def _span(span: Any) -> bytes:
-    context, parent = span.context, span.parent
-    parts = [_ID16, context.trace_id.to_bytes(16, "big"), _ID8, context.span_id.to_bytes(8, "big")]
-    if parent is not None:
-        parts += (_PARENT8, parent.span_id.to_bytes(8, "big"))
-    parts += (_name_and_kind(span.name, span.kind.value),
-              SPAN_START_TIME, _QUAD.pack(span.start_time),
-              SPAN_END_TIME, _QUAD.pack(span.end_time))
-    parts += [_key_value(SPAN_ATTRIBUTES, key, value) for key, value in span.attributes.items()]
-    for event in span.events:
-        tail = _event_tail(event.name, tuple(event.attributes.items()))
-        parts.append(_field(SPAN_EVENTS, EVENT_TIME + _QUAD.pack(event.timestamp) + tail))
-    parts.append(_status(span.status.status_code.value, span.status.description))
+class Encoder:
+    """``ExportTraceServiceRequest`` bodies for spans of one resource and scope."""
+
+    def __init__(self, resource: Mapping[str, Any], scope_name: str,
+                 scope_version: str | None) -> None:
+        self._resource = _field(RESOURCE_SPANS_RESOURCE, _attributes(RESOURCE_ATTRIBUTES, resource))
+        self._scope = _field(SCOPE_SPANS_SCOPE, _field(SCOPE_NAME, scope_name.encode()) + (
+            _field(SCOPE_VERSION, scope_version.encode()) if scope_version else b""))
+
+    def encode(self, spans: Iterable[Span]) -> bytes:
+        """The request, joined once: a batch is megabytes, and each copy of it counts."""
+        parts = [self._scope]
+        for span in spans:
+            encoded = _span(span)
+            parts += (SCOPE_SPANS_SPANS, _varint(len(encoded)), encoded)
+        scope_spans = sum(map(len, parts))
+        head = RESOURCE_SPANS_SCOPE_SPANS + _varint(scope_spans)
+        resource_spans = len(self._resource) + len(head) + scope_spans
+        return b"".join([REQUEST_RESOURCE_SPANS, _varint(resource_spans), self._resource, head,
+                         *parts])
+
+
+def _span(span: Span) -> bytes:
+    parts = [_ID16, span.trace_id.to_bytes(16, "big"), _ID8, span.span_id.to_bytes(8, "big")]
+    if span.parent_span_id:
+        parts += (_PARENT8, span.parent_span_id.to_bytes(8, "big"))
+    parts += (_name_and_kind(span.name), SPAN_START_TIME, _QUAD.pack(span.start),
+              SPAN_END_TIME, _QUAD.pack(span.end))
+    shared, own = span.attributes()
+    parts.append(_shared_attributes(shared))
+    parts += [_key_value(SPAN_ATTRIBUTES, key, value) for key, value in own]
+    for time, name, attributes in span.events:
+        head, tail = _event(name, attributes)
+        parts += (head, _QUAD.pack(time), tail)
+    parts.append(_status(*span.status))
     return b"".join(parts)
 
 
 @lru_cache(maxsize=1024)
-def _name_and_kind(name: str, kind: int) -> bytes:
-    """``name`` and ``kind``: the SDK's ``SpanKind`` counts from 0, OTLP's from 1 (unspecified)."""
-    return _field(SPAN_NAME, name.encode()) + SPAN_KIND + _varint(kind + 1)
+def _name_and_kind(name: str) -> bytes:
+    """The span's name, and its kind: a task's span is a consumer's."""
+    return _field(SPAN_NAME, name.encode()) + SPAN_KIND + _varint(KIND_CONSUMER)
+
+
+@lru_cache(maxsize=4096)
+def _shared_attributes(attributes: Attributes) -> bytes:
+    """Attributes of many spans, encoded once: one per task name, queue, host and outcome."""
+    return b"".join([_key_value(SPAN_ATTRIBUTES, key, value) for key, value in attributes])
 
 
 @lru_cache(maxsize=1024)
-def _event_tail(name: str, attributes: tuple[tuple[str, Any], ...]) -> bytes:
-    """A span event but its time: one per event name and worker, mostly."""
-    return _field(EVENT_NAME, name.encode()) + b"".join(
+def _event(name: str, attributes: Attributes) -> tuple[bytes, bytes]:
+    """A span event but its 8 bytes of time, before and after them: one per event
+    name and worker, mostly."""
+    tail = _field(EVENT_NAME, name.encode()) + b"".join(
         _key_value(EVENT_ATTRIBUTES, key, value) for key, value in attributes)
+    return SPAN_EVENTS + _varint(1 + 8 + len(tail)) + EVENT_TIME, tail
 
 
 @lru_cache(maxsize=256)
-def _status(code: int, description: str | None) -> bytes:
-    message = (description or "").encode()
+def _status(code: int, description: str) -> bytes:
+    message = description.encode()
     return _field(SPAN_STATUS, (_field(STATUS_MESSAGE, message) if message else b"")
                   + (STATUS_CODE + _varint(code) if code else b""))
-
-
-def _scope(scope: Any) -> bytes:
-    return _field(SCOPE_SPANS_SCOPE, _field(SCOPE_NAME, scope.name.encode())
-                  + (_field(SCOPE_VERSION, scope.version.encode()) if scope.version else b""))
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
@@ -148,10 +174,24 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
 
 
 def _key_value(tag: bytes, key: str, value: Any) -> bytes:
-    """One ``KeyValue`` field; floats (measurements, seldom repeated) cache only their key."""
+    """One ``KeyValue`` field. Callers cache what repeats (``_shared_attributes``,
+    ``_event``); of the rest, doubles (measurements) and strings (ids), only the key is."""
     if type(value) is float:
         return _double_key(tag, key) + _DOUBLE.pack(value)
-    return _cached_key_value(tag, key, value)
+    if type(value) is str:
+        any_value = _field(ANY_STRING, value.encode())
+    elif isinstance(value, bool):
+        any_value = ANY_BOOL + (b"\x01" if value else b"\x00")
+    elif isinstance(value, int):
+        any_value = ANY_INT + _varint(value & 0xFFFFFFFFFFFFFFFF)
+    else:
+        any_value = _field(ANY_STRING, str(value).encode())
+    return _field(tag, _key(key) + _field(KEY_VALUE_VALUE, any_value))
+
+
+@lru_cache(maxsize=256)
+def _key(key: str) -> bytes:
+    return _field(KEY_VALUE_KEY, key.encode())
 
 
 @lru_cache(maxsize=256)
@@ -159,18 +199,6 @@ def _double_key(tag: bytes, key: str) -> bytes:
     """A double ``KeyValue`` but its 8 value bytes, which have a fixed size."""
     head = _field(KEY_VALUE_KEY, key.encode()) + KEY_VALUE_VALUE + bytes((1 + 8,)) + ANY_DOUBLE
     return tag + _varint(len(head) + 8) + head
-
-
-@lru_cache(maxsize=4096, typed=True)
-def _cached_key_value(tag: bytes, key: str, value: Any) -> bytes:
-    """Most pairs (task names, queues, hosts, states) repeat from span to span."""
-    if isinstance(value, bool):
-        any_value = ANY_BOOL + (b"\x01" if value else b"\x00")
-    elif isinstance(value, int):
-        any_value = ANY_INT + _varint(value & 0xFFFFFFFFFFFFFFFF)
-    else:
-        any_value = _field(ANY_STRING, str(value).encode())
-    return _field(tag, _field(KEY_VALUE_KEY, key.encode()) + _field(KEY_VALUE_VALUE, any_value))
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:

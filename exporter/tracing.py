@@ -11,8 +11,9 @@ or exported by two replicas, meet in one trace and find their parents:
 - trace id: the 128-bit value of the workflow's ``root_id`` (the task's
   own uuid when it has none), or the first 128 bits of its BLAKE2b hash
   when the id is not a UUID;
-- span id: the first 64 bits of the BLAKE2b hash of the task's uuid; the
-  parent span id is the same hash of ``parent_id``;
+- span id: the task's uuid with its two 64-bit halves XORed together (the
+  first 64 bits of its BLAKE2b hash when it is not a UUID); the parent span
+  id is the same of ``parent_id``;
 - sampling: the first 64 bits of the BLAKE2b hash of the root id against
   the ratio, so a workflow is kept or dropped whole by every replica.
 
@@ -27,6 +28,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from hashlib import blake2b
+from typing import Any
 
 from . import __version__, otlp
 from .config import ConfigError
@@ -54,15 +56,37 @@ DEFAULT_SERVICE_NAME = "celery"
 WARN_EVERY_SECONDS = 60.0
 PROTOCOLS = ("http/protobuf", "grpc")
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-UNSET = Status(StatusCode.UNSET)
+UNSET, ERROR = StatusCode.UNSET.value, StatusCode.ERROR.value  # the same numbers in OTLP
+HOSTNAME = "celery.worker.hostname"
+Attributes = tuple[tuple[str, object], ...]
+SpanEventData = tuple[int, str, Attributes]
+"""A span event: time (ns), name and attributes."""
 _RANGE64 = 1 << 64
+_UNBEGUN = object()
+"""``Task.trace`` until the task's first sent or received event: absent."""
+_MASK64 = _RANGE64 - 1
+
+
+class _Sampled:
+    """The one part of a span the SDK's span processors read before queuing it."""
+
+    trace_flags = TraceFlags(TraceFlags.SAMPLED)
 
 
 class TaskTrace:
-    """What one task's span needs that the task record does not keep."""
+    """One task's span, filled in by the hooks and handed on whole when the task ends.
 
-    __slots__ = ("events", "hostname", "last_started", "name", "parent_id", "queue", "retried",
-                 "retries", "root_id", "start", "started", "uuid")
+    It is plain data: the SDK's span processors read only
+    ``span.context.trace_flags.sampled`` before queuing a span, so a finished
+    trace goes through the ``BatchSpanProcessor`` as it is. ``otlp`` encodes it
+    directly; for other exporters ``ReadableSpanExporter`` makes SDK spans of
+    it, in the export thread.
+    """
+
+    __slots__ = ("end", "events", "hostname", "last_started", "name", "outcome", "parent_id",
+                 "parent_span_id", "queue", "retried", "retries", "root_id", "span_id", "start",
+                 "started", "status", "trace_id", "uuid")
+    context = _Sampled
 
     def __init__(self, event: Event, root_id: str) -> None:
         self.uuid: str = event["uuid"]
@@ -78,19 +102,37 @@ class TaskTrace:
         self.last_started = 0
         self.retried = 0  # task-retried events seen
         self.retries = 0  # Celery's count, from the events of the redelivered task
-        self.events: list[SpanEvent] = []
+        self.events: list[SpanEventData] = []
+        # end, trace_id, span_id, parent_span_id (0: none), status and outcome
+        # are set when the task ends, by Spans._emit.
+
+    def attributes(self) -> tuple[Attributes, Attributes]:
+        """The span's attributes: those many spans share (which encoders may
+        cache), then the task's own. Built only for export."""
+        shared: Attributes = (
+            ("messaging.system", "celery"),
+            ("messaging.operation.type", "process"),
+            ("messaging.destination.name", self.queue),
+            ("celery.task.name", self.name),
+            ("celery.retries", max(self.retries, self.retried)),
+            self.outcome,
+        )
+        if self.hostname is not None:
+            shared += ((HOSTNAME, self.hostname),)
+        own: Attributes = (("messaging.message.id", self.uuid),)
+        if self.started is not None:
+            own += (("celery.queue_wait_seconds", max(0, self.started - self.start) / 1e9),
+                    ("celery.run_seconds", max(0, self.end - self.last_started) / 1e9))
+        return shared, own
 
 
 class Spans:
     """Builds a span per task from the tracker's hooks and hands it to a span processor."""
 
-    def __init__(self, processor: SpanProcessor, resource: Resource,
-                 sample_ratio: float = 1.0) -> None:
+    def __init__(self, processor: SpanProcessor, sample_ratio: float = 1.0) -> None:
         self.processor = processor
-        self.resource = resource
         self.sample_ratio = sample_ratio
         self._threshold = int(sample_ratio * _RANGE64)
-        self._scope = InstrumentationScope("celery-events-exporter", __version__)
 
     def hooks(self) -> Mapping[str, Hook]:
         return {
@@ -108,8 +150,8 @@ class Spans:
         """End the span where its last event was, marked incomplete, rather than leak it."""
         state = getattr(task, "trace", None)
         if state is not None:
-            end = max((event.timestamp for event in state.events), default=state.start)
-            self._emit(task, state, end, UNSET, {"celery.incomplete": True})
+            end = max((event[0] for event in state.events), default=state.start)
+            self._emit(task, state, end, (UNSET, ""), ("celery.incomplete", True))
 
     def close(self) -> None:
         """Export what is queued, then stop the export thread."""
@@ -119,10 +161,9 @@ class Spans:
 
     def _begin(self, task: Task, event: Event) -> TaskTrace | None:
         """The span starts at the first task-sent or task-received, if its workflow is sampled."""
-        try:
-            return task.trace
-        except AttributeError:
-            pass
+        state = getattr(task, "trace", _UNBEGUN)
+        if state is not _UNBEGUN or task.done:  # begun, or a late event of a finished task
+            return None if state is _UNBEGUN else state
         root_id = event.get("root_id")
         if not isinstance(root_id, str) or not root_id:
             root_id = event["uuid"]
@@ -149,9 +190,9 @@ class Spans:
             received = _ns(event["timestamp"])
             # A client stamps task-sent after publishing: a quick worker's
             # task-received can be earlier, and a span never starts after its events.
-            state.start = min(state.start, received)
-            state.events.append(SpanEvent("received", {"celery.worker.hostname": hostname},
-                                          received))
+            if received < state.start:
+                state.start = received
+            state.events.append((received, "received", ((HOSTNAME, hostname),)))
 
     def _on_started(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
@@ -161,84 +202,100 @@ class Spans:
             if state.started is None:
                 state.started = timestamp
             state.last_started = timestamp
-            state.events.append(SpanEvent("started", {"celery.worker.hostname": hostname},
-                                          timestamp))
+            state.events.append((timestamp, "started", ((HOSTNAME, hostname),)))
 
     def _on_retried(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
             state.retried += 1
-            attributes = _exception(event)
-            attributes["celery.retries"] = state.retried
-            state.events.append(SpanEvent("retry", attributes, _ns(event["timestamp"])))
+            attributes = (*_exception(event), ("celery.retries", state.retried))
+            state.events.append((_ns(event["timestamp"]), "retry", attributes))
 
     def _on_succeeded(self, task: Task, event: Event) -> None:
-        self._end(task, event, UNSET, "SUCCESS")
+        self._end(task, event, (UNSET, ""), "SUCCESS")
 
     def _on_failed(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
             attributes = _exception(event)
-            state.events.append(SpanEvent("exception", attributes, _ns(event["timestamp"])))
-            status = Status(StatusCode.ERROR,
-                            f"{attributes['exception.type']}: {attributes['exception.message']}")
+            state.events.append((_ns(event["timestamp"]), "exception", attributes))
+            status = (ERROR, f"{attributes[0][1]}: {attributes[1][1]}")
             self._end(task, event, status, "FAILURE")
 
     def _on_rejected(self, task: Task, event: Event) -> None:
-        self._end(task, event, UNSET, "REJECTED")
+        self._end(task, event, (UNSET, ""), "REJECTED")
 
     def _on_revoked(self, task: Task, event: Event) -> None:
-        self._end(task, event, UNSET, "REVOKED")
+        self._end(task, event, (UNSET, ""), "REVOKED")
 
-    # Building the span.
+    # Ending the span.
 
-    def _end(self, task: Task, event: Event, status: Status, state_name: str) -> None:
+    def _end(self, task: Task, event: Event, status: tuple[int, str], state_name: str) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
             state.hostname = event["hostname"]
-            self._emit(task, state, _ns(event["timestamp"]), status, {"celery.state": state_name})
+            self._emit(task, state, _ns(event["timestamp"]), status, ("celery.state", state_name))
 
-    def _emit(self, task: Task, state: TaskTrace, end: int, status: Status,
-              extra: dict[str, object]) -> None:
+    def _emit(self, task: Task, state: TaskTrace, end: int, status: tuple[int, str],
+              outcome: tuple[str, object]) -> None:
         task.trace = None
-        start = state.start
-        end = max(end, start)
-        trace_id = _trace_id(state.root_id)
-        context = SpanContext(trace_id, _span_id(state.uuid), False, SAMPLED)
-        parent = (SpanContext(trace_id, _span_id(state.parent_id), True, SAMPLED)
-                  if state.parent_id and state.parent_id != state.uuid else None)
-        name = state.name or task.name
-        attributes: dict[str, object] = {
-            "messaging.system": "celery",
-            "messaging.operation.type": "process",
-            "messaging.message.id": state.uuid,
-            "messaging.destination.name": state.queue or task.queue,
-            "celery.task.name": name,
-            "celery.retries": max(state.retries, state.retried),
-            **extra,
-        }
-        if state.hostname is not None:
-            attributes["celery.worker.hostname"] = state.hostname
-        if state.started is not None:
-            attributes["celery.queue_wait_seconds"] = max(0, state.started - start) / 1e9
-            attributes["celery.run_seconds"] = max(0, end - state.last_started) / 1e9
+        state.end = max(end, state.start)
+        state.status, state.outcome = status, outcome
+        state.name = state.name or task.name
+        state.queue = state.queue or task.queue
+        state.trace_id = _trace_id(state.root_id)
+        state.span_id = _span_id(state.uuid)
+        parent_id = state.parent_id
+        state.parent_span_id = _span_id(parent_id) if parent_id and parent_id != state.uuid else 0
         state.events.sort(key=_timestamp)
-        self.processor.on_end(ReadableSpan(
-            name=name, context=context, parent=parent, resource=self.resource,
-            attributes=attributes, events=state.events, kind=SpanKind.CONSUMER, status=status,
-            start_time=start, end_time=end, instrumentation_scope=self._scope))
+        self.processor.on_end(state)  # type: ignore[arg-type]  # see TaskTrace
+
+
+def readable_span(trace: TaskTrace, resource: Resource,
+                  scope: InstrumentationScope) -> ReadableSpan:
+    """The SDK's form of a finished trace, for exporters other than ``otlp``'s."""
+    context = SpanContext(trace.trace_id, trace.span_id, False, SAMPLED)
+    parent = (SpanContext(trace.trace_id, trace.parent_span_id, True, SAMPLED)
+              if trace.parent_span_id else None)
+    code, message = trace.status
+    shared, own = trace.attributes()
+    return ReadableSpan(
+        name=trace.name, context=context, parent=parent, resource=resource,
+        attributes=dict(shared + own), kind=SpanKind.CONSUMER,
+        events=[SpanEvent(name, dict(attributes), time) for time, name, attributes in trace.events],
+        status=Status(StatusCode(code), message or None), start_time=trace.start,
+        end_time=trace.end, instrumentation_scope=scope)
+
+
+class ReadableSpanExporter(SpanExporter):
+    """Hands an SDK exporter (gRPC, or any other) SDK spans made from finished traces."""
+
+    def __init__(self, exporter: SpanExporter, resource: Resource,
+                 scope: InstrumentationScope) -> None:
+        self.exporter = exporter
+        self.resource = resource
+        self.scope = scope
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        return self.exporter.export([readable_span(trace, self.resource, self.scope)
+                                     for trace in spans])
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
 
 
 class HttpSpanExporter(SpanExporter):
     """OTLP/HTTP protobuf with ``otlp``'s encoder, many times cheaper than the SDK's."""
 
-    def __init__(self, sender: otlp.HttpSender) -> None:
+    def __init__(self, sender: otlp.HttpSender, resource: Resource,
+                 scope: InstrumentationScope) -> None:
         self.sender = sender
+        self.encoder = otlp.Encoder(resource.attributes, scope.name, scope.version)
         self._warned_at = -WARN_EVERY_SECONDS
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
         try:
-            self.sender.send(otlp.encode(spans))
+            self.sender.send(self.encoder.encode(spans))
         except otlp.ExportError as exc:
             now = time.monotonic()
             if now - self._warned_at >= WARN_EVERY_SECONDS:
@@ -276,21 +333,28 @@ class _OncePerMinute(logging.Filter):
 _QUEUE_FULL_ONCE_PER_MINUTE = _OncePerMinute()
 
 
+def origin() -> tuple[Resource, InstrumentationScope]:
+    """The resource and instrumentation scope every span is exported with."""
+    resource = Resource.create({SERVICE_NAME: DEFAULT_SERVICE_NAME}).merge(
+        OTELResourceDetector().detect())  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
+    return resource, InstrumentationScope("celery-events-exporter", __version__)
+
+
 def build(sample_ratio: float, environ: Mapping[str, str] | None = None) -> Spans:
     """Spans exported by OTLP as the standard OTEL_* environment variables say."""
     environ = os.environ if environ is None else environ
-    resource = Resource.create({SERVICE_NAME: DEFAULT_SERVICE_NAME}).merge(
-        OTELResourceDetector().detect())  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
+    resource, scope = origin()
     # The SDK's defaults (a 2,048-span queue, 512 a request) suit one process's own
     # spans; here every task of the cluster ends a span, thousands a second.
     sizes = {name: None if variable in environ else size
              for name, variable, size in BATCH_DEFAULTS}
     logging.getLogger(_QUEUE_FULL_LOGGER).addFilter(_QUEUE_FULL_ONCE_PER_MINUTE)
-    processor = BatchSpanProcessor(_span_exporter(environ), **sizes)
-    return Spans(processor, resource, sample_ratio)
+    processor = BatchSpanProcessor(_span_exporter(environ, resource, scope), **sizes)
+    return Spans(processor, sample_ratio)
 
 
-def _span_exporter(environ: Mapping[str, str]) -> SpanExporter:
+def _span_exporter(environ: Mapping[str, str], resource: Resource,
+                   scope: InstrumentationScope) -> SpanExporter:
     variable = next((name for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
                                        "OTEL_EXPORTER_OTLP_PROTOCOL") if environ.get(name)),
                     None)
@@ -307,8 +371,8 @@ def _span_exporter(environ: Mapping[str, str]) -> SpanExporter:
             raise ConfigError(
                 f"otlp_traces: {variable}=grpc needs opentelemetry-exporter-otlp-proto-grpc: "
                 "pip install opentelemetry-exporter-otlp-proto-grpc") from None
-        return GrpcSpanExporter()
-    return HttpSpanExporter(otlp.HttpSender(environ))
+        return ReadableSpanExporter(GrpcSpanExporter(), resource, scope)
+    return HttpSpanExporter(otlp.HttpSender(environ), resource, scope)
 
 
 def _count_retries(state: TaskTrace, event: Event) -> None:
@@ -318,15 +382,16 @@ def _count_retries(state: TaskTrace, event: Event) -> None:
         state.retries = retries
 
 
-def _exception(event: Event) -> dict[str, object]:
-    """The semantic-convention attributes of the exception a task-failed or -retried names."""
+def _exception(event: Event) -> Attributes:
+    """The semantic-convention attributes of the exception a task-failed or -retried names:
+    type, message and, when the event has one, the stack trace."""
     text = event.get("exception")
     text = text if isinstance(text, str) else ""
-    attributes: dict[str, object] = {"exception.type": exception_class(text),
-                                     "exception.message": _exception_message(text)}
+    attributes: Attributes = (("exception.type", exception_class(text)),
+                              ("exception.message", _exception_message(text)))
     traceback = event.get("traceback")
     if isinstance(traceback, str) and traceback:
-        attributes["exception.stacktrace"] = traceback
+        attributes += (("exception.stacktrace", traceback),)
     return attributes
 
 
@@ -345,23 +410,33 @@ def _hash64(text: str) -> int:
     return int.from_bytes(blake2b(text.encode(), digest_size=8).digest())
 
 
-def _trace_id(root_id: str) -> int:
-    """The uuid's own 128 bits (what ``uuid.UUID(root_id).int`` gives, for less)."""
-    digits = root_id.replace("-", "")
+def _uuid_value(text: str) -> int:
+    """The 128 bits of a UUID in its usual form (what ``uuid.UUID(text).int`` gives, for
+    less), else 0."""
+    digits = text.replace("-", "")
+    if len(digits) != 32 or len(text) != 36:
+        return 0
     try:
-        value = int(digits, 16) if len(digits) == 32 and len(root_id) == 36 else 0
+        return int(digits, 16)
     except ValueError:
-        value = 0
-    return value or int.from_bytes(blake2b(root_id.encode(), digest_size=16).digest())
+        return 0
+
+
+def _trace_id(root_id: str) -> int:
+    return _uuid_value(root_id) or int.from_bytes(blake2b(root_id.encode(),
+                                                           digest_size=16).digest())
 
 
 def _span_id(task_id: str) -> int:
-    return _hash64(task_id) or 1
+    """The two halves of the uuid folded together: random for version 4 uuids, and
+    distinct for time-based ones, whose low half is the same for a whole host."""
+    value = _uuid_value(task_id)
+    return ((value >> 64) ^ (value & _MASK64) if value else _hash64(task_id)) or 1
 
 
 def _ns(timestamp: float) -> int:
     return int(timestamp * 1e9)
 
 
-def _timestamp(event: SpanEvent) -> int:
-    return event.timestamp
+def _timestamp(event: SpanEventData) -> int:
+    return event[0]

@@ -28,6 +28,7 @@ task's events can overtake the event that names it (on AMQP, a task may finish
 before its task-sent arrives). Events of a task not yet named wait for it this
 long, for at most this many tasks, then count as they are."""
 Event = dict[str, Any]
+_OTHER = (OTHER,)
 FINAL = frozenset({"task-succeeded", "task-failed", "task-rejected", "task-revoked"})
 TASK_EVENTS = FINAL | {"task-sent", "task-received", "task-started", "task-retried"}
 
@@ -51,8 +52,10 @@ class Task:
         self.done = False
 
 
-Handler = Callable[[Event, float], None]
-Hook = Callable[[Task, Event], None]
+TaskHandler = Callable[[Task, Event], None]
+"""Applies a task event to the task's record (from the table, or made for it)."""
+WorkerHandler = Callable[[Event, float], None]
+Hook = TaskHandler
 
 
 class SpanHooks(Protocol):
@@ -113,7 +116,7 @@ class Tracker:
         self._prefetched_gauge = metrics.gauge("celery_worker_tasks_prefetched")
         self._tracked = metrics.gauge("celery_exporter_tracked_tasks")
         self._evicted = counter("celery_exporter_tracked_tasks_evicted_total")
-        self._handlers: dict[str, Handler] = {
+        self._on_task: dict[str, TaskHandler] = {
             "task-sent": self._on_sent,
             "task-received": self._on_received,
             "task-started": self._on_started,
@@ -122,25 +125,36 @@ class Tracker:
             "task-retried": self._on_retried,
             "task-rejected": self._on_rejected,
             "task-revoked": self._on_revoked,
+        }
+        self._on_worker: dict[str, WorkerHandler] = {
             "worker-online": self._on_heartbeat,
             "worker-heartbeat": self._on_heartbeat,
             "worker-offline": self._on_offline,
         }
+        self._type_labels = {kind: (kind,) for kind in (*self._on_task, *self._on_worker)}
         if spans is not None:
             self._trace(spans)
 
     def handle(self, event: Event, arrival: float) -> None:
         """Apply one event that passed ``decode.check_event``."""
         kind = event["type"]
-        handler = self._handlers.get(kind)
-        self._events.inc((kind,) if handler else (OTHER,))
+        self._events.inc(self._type_labels.get(kind, _OTHER))
         self._lag.observe((), arrival - event["timestamp"])
-        if handler is None:
+        on_task = self._on_task.get(kind)
+        if on_task is None:
+            on_worker = self._on_worker.get(kind)
+            if on_worker is not None:
+                on_worker(event, arrival)
             return
-        if kind in TASK_EVENTS and event["uuid"] not in self.tasks:
-            self._first_sight(kind, handler, event, arrival)
+        uuid = event["uuid"]
+        task = self.tasks.get(uuid)
+        if task is None:
+            self._first_sight(kind, event, arrival)
+        elif kind in FINAL:
+            on_task(self._finish(uuid, task), event)
         else:
-            handler(event, arrival)
+            self.tasks.move_to_end(uuid)  # the table evicts the least recently used
+            on_task(task, event)
 
     def tick(self, now: float) -> None:
         """Periodic upkeep: worker liveness and the table-size gauge."""
@@ -162,13 +176,13 @@ class Tracker:
 
     # Task table.
 
-    def _first_sight(self, kind: str, handler: Handler, event: Event, arrival: float) -> None:
+    def _first_sight(self, kind: str, event: Event, arrival: float) -> None:
         """An event of a task not in the table: apply it, or hold it until the task is named."""
         uuid = event["uuid"]
         names = kind == "task-sent" or (kind == "task-received" and not self._sent_seen)
         held = self._held
         if names or uuid in self._finished or (uuid not in held and len(held) >= MAX_HELD_TASKS):
-            handler(event, arrival)
+            self._apply_unseen(kind, uuid, event)
             if names and held:
                 self._release(uuid)
         elif uuid in held:
@@ -179,33 +193,34 @@ class Tracker:
     def _release(self, uuid: str) -> None:
         """Apply a task's held events in the order they arrived."""
         _, events = self._held.pop(uuid, (0.0, ()))
-        for event, arrival in events:
-            self._handlers[event["type"]](event, arrival)
+        for event, _ in events:
+            kind = event["type"]
+            task = self.tasks.get(uuid)
+            if task is None:
+                self._apply_unseen(kind, uuid, event)
+            else:
+                self._on_task[kind](self._finish(uuid, task) if kind in FINAL else task, event)
 
-    def _task(self, uuid: str) -> Task:
-        """The task's record, created on first sight; most recently used last.
+    def _apply_unseen(self, kind: str, uuid: str, event: Event) -> None:
+        """Apply an event of a task not in the table, making its record if need be.
 
         A task that already finished keeps its record out of the table: late
-        events count under its name without tracking it again.
+        events count under its name without tracking it again. A final event
+        of a task never seen counts under a blank record.
         """
-        tasks = self.tasks
-        task = tasks.get(uuid)
+        task = self._finished.get(uuid)
         if task is None:
-            task = self._finished.get(uuid)
-            if task is not None:
-                return task
-            task = tasks[uuid] = Task(UNKNOWN, self.default_queue)
-            if len(tasks) > self.max_tracked_tasks:
-                self._evict()
-        else:
-            tasks.move_to_end(uuid)
-        return task
+            task = Task(UNKNOWN, self.default_queue)
+            if kind not in FINAL:
+                tasks = self.tasks
+                tasks[uuid] = task
+                if len(tasks) > self.max_tracked_tasks:
+                    self._evict()
+        self._on_task[kind](task, event)
 
-    def _finish(self, uuid: str) -> Task:
-        """Remove a task that reached a final state (a blank one if unseen)."""
-        task = self.tasks.pop(uuid, None)
-        if task is None:
-            return self._finished.get(uuid) or Task(UNKNOWN, self.default_queue)
+    def _finish(self, uuid: str, task: Task) -> Task:
+        """Move a task that reached a final state from the table to the recently finished."""
+        del self.tasks[uuid]
         self._unprefetch(task)
         task.done = True
         finished = self._finished
@@ -223,10 +238,8 @@ class Tracker:
 
     def _trace(self, spans: SpanHooks) -> None:
         """Chain the span hooks to the task handlers, once: untraced, events pay nothing."""
-        tasks = self.tasks
         for kind, hook in spans.hooks().items():
-            chain = _hook_before if kind in FINAL else _hook_after
-            self._handlers[kind] = chain(self._handlers[kind], hook, tasks)
+            self._on_task[kind] = _then(self._on_task[kind], hook)
 
     def _name(self, task: Task, name: str | None) -> None:
         """Record the task's name; its queue, unless task-sent gave one, follows it."""
@@ -253,9 +266,8 @@ class Tracker:
 
     # Event handlers, one per type.
 
-    def _on_sent(self, event: Event, arrival: float) -> None:
+    def _on_sent(self, task: Task, event: Event) -> None:
         self._sent_seen = True
-        task = self._task(event["uuid"])
         task.sent = event["timestamp"]
         task.eta = _eta(event.get("eta"))
         self._name(task, event.get("name"))
@@ -264,8 +276,7 @@ class Tracker:
             task.queue = self._queue_by_name[task.name] = self.label("queue", queue)
         self._sent.inc((task.name, task.queue))
 
-    def _on_received(self, event: Event, arrival: float) -> None:
-        task = self._task(event["uuid"])
+    def _on_received(self, task: Task, event: Event) -> None:
         self._name(task, event.get("name"))
         hostname = self.label("hostname", event["hostname"])
         task.received = event["timestamp"]
@@ -274,8 +285,7 @@ class Tracker:
         self._prefetch(task, hostname)
         self._received.inc((task.name, hostname, task.queue))
 
-    def _on_started(self, event: Event, arrival: float) -> None:
-        task = self._task(event["uuid"])
+    def _on_started(self, task: Task, event: Event) -> None:
         hostname = self.label("hostname", event["hostname"])
         started = event["timestamp"]
         self._unprefetch(task)
@@ -287,35 +297,31 @@ class Tracker:
             ready = max(task.sent, task.eta or 0.0)
             self._queue_wait.observe(key, max(0.0, started - ready))
 
-    def _on_succeeded(self, event: Event, arrival: float) -> None:
-        task = self._finish(event["uuid"])
+    def _on_succeeded(self, task: Task, event: Event) -> None:
         hostname = self.label("hostname", event["hostname"])
         self._succeeded.inc((task.name, hostname, task.queue))
         self._runtime.observe((task.name, task.queue), max(0.0, event["runtime"]))
 
-    def _on_failed(self, event: Event, arrival: float) -> None:
-        task = self._finish(event["uuid"])
+    def _on_failed(self, task: Task, event: Event) -> None:
         hostname = self.label("hostname", event["hostname"])
         exception = self.label("exception", exception_class(event.get("exception")))
         self._failed.inc((task.name, hostname, task.queue, exception))
 
-    def _on_retried(self, event: Event, arrival: float) -> None:
-        task = self._task(event["uuid"])
+    def _on_retried(self, task: Task, event: Event) -> None:
         self._unprefetch(task)
         task.received = None
         hostname = self.label("hostname", event["hostname"])
         exception = self.label("exception", exception_class(event.get("exception")))
         self._retried.inc((task.name, hostname, task.queue, exception))
 
-    def _on_rejected(self, event: Event, arrival: float) -> None:
-        self._ended(event, self._rejected)
+    def _on_rejected(self, task: Task, event: Event) -> None:
+        self._ended(task, event, self._rejected)
 
-    def _on_revoked(self, event: Event, arrival: float) -> None:
-        self._ended(event, self._revoked)
+    def _on_revoked(self, task: Task, event: Event) -> None:
+        self._ended(task, event, self._revoked)
 
-    def _ended(self, event: Event, counter: Counter) -> None:
+    def _ended(self, task: Task, event: Event, counter: Counter) -> None:
         """A final event that carries nothing but the task and the worker."""
-        task = self._finish(event["uuid"])
         hostname = self.label("hostname", event["hostname"])
         counter.inc((task.name, hostname, task.queue))
 
@@ -328,26 +334,12 @@ class Tracker:
         self.workers.offline(self.label("hostname", event["hostname"]), arrival)
 
 
-def _hook_after(handler: Handler, hook: Hook, tasks: Mapping[str, Task]) -> Handler:
-    """The handler, then the hook on the record the handler created or updated."""
+def _then(handler: TaskHandler, hook: Hook) -> TaskHandler:
+    """The handler, then the span hook, on the same record."""
 
-    def traced(event: Event, arrival: float) -> None:
-        handler(event, arrival)
-        task = tasks.get(event["uuid"])
-        if task is not None:
-            hook(task, event)
-
-    return traced
-
-
-def _hook_before(handler: Handler, hook: Hook, tasks: Mapping[str, Task]) -> Handler:
-    """For final events: the record leaves the table in the handler, so look it up first."""
-
-    def traced(event: Event, arrival: float) -> None:
-        task = tasks.get(event["uuid"])
-        handler(event, arrival)
-        if task is not None:
-            hook(task, event)
+    def traced(task: Task, event: Event) -> None:
+        handler(task, event)
+        hook(task, event)
 
     return traced
 

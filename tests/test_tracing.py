@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from exporter import otlp, tracing
@@ -236,7 +236,8 @@ def test_workflows_become_trees_of_spans(clean_redis: Any, collector: OtlpReceiv
 def _scene(max_tracked_tasks: int = 100, ratio: float = 1.0) -> tuple[Tracker,
                                                                       InMemorySpanExporter]:
     memory = InMemorySpanExporter()
-    spans = tracing.Spans(SimpleSpanProcessor(memory), tracing.build(1.0).resource, ratio)
+    exporter = tracing.ReadableSpanExporter(memory, *tracing.origin())
+    spans = tracing.Spans(SimpleSpanProcessor(exporter), ratio)
     tracker = Tracker(Metrics(), max_tracked_tasks=max_tracked_tasks, default_queue="celery",
                       worker_timeout=30, purge_offline_after=600, max_label_values=100,
                       spans=spans)
@@ -310,21 +311,37 @@ def test_sampling_keeps_or_drops_whole_workflows_the_same_everywhere() -> None:
     assert 70 < len(kept[0]) < 130
 
 
+class _Recorder(SpanExporter):
+    """Keeps the finished traces as the span processor hands them over."""
+
+    def __init__(self) -> None:
+        self.traces: list[tracing.TaskTrace] = []
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.traces.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
 def test_the_wire_encoding_is_what_the_sdk_encoder_produces() -> None:
-    tracker, memory = _scene()
+    recorder = _Recorder()
+    tracker = Tracker(Metrics(), max_tracked_tasks=10, default_queue="celery", worker_timeout=30,
+                      purge_offline_after=600, max_label_values=100,
+                      spans=tracing.Spans(SimpleSpanProcessor(recorder)))
     a, b = _ids(2)
     _feed(tracker, sent(a, "app.add", "celery", 1.0), received(a, "app.add", 1.5),
           started(a, 2.0), succeeded(a, 3.0, runtime=1.0),
           sent(b, "app.fail", None, 4.0, root_id=a, parent_id=a),
           event("task-retried", 4.5, uuid=b, exception="OSError(-1)"),
           failed(b, 5.0, "ValueError('ünïcode')"))
-    spans = memory.get_finished_spans()
-    expected = encode_spans(spans)
+    traces = recorder.traces
+    resource, scope = tracing.origin()
+    expected = encode_spans([tracing.readable_span(trace, resource, scope) for trace in traces])
     for resource_spans in expected.resource_spans:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 span.flags = 0  # optional; ours leave it out
-    assert ExportTraceServiceRequest.FromString(otlp.encode(spans)) == expected
+    encoder = otlp.Encoder(resource.attributes, scope.name, scope.version)
+    assert ExportTraceServiceRequest.FromString(encoder.encode(traces)) == expected
 
 
 def test_standard_environment_variables_choose_the_destination() -> None:
