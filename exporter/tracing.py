@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from hashlib import blake2b
+from operator import itemgetter
 from typing import Any
 
 from . import __version__, otlp
@@ -62,6 +63,7 @@ Attributes = tuple[tuple[str, object], ...]
 SpanEventData = tuple[int, str, Attributes]
 """A span event: time (ns), name and attributes."""
 _RANGE64 = 1 << 64
+_TIME = itemgetter(0)  # of a SpanEventData
 _UNBEGUN = object()
 """``Task.trace`` until the task's first sent or received event: absent."""
 _MASK64 = _RANGE64 - 1
@@ -247,7 +249,7 @@ class Spans:
         state.span_id = _span_id(state.uuid)
         parent_id = state.parent_id
         state.parent_span_id = _span_id(parent_id) if parent_id and parent_id != state.uuid else 0
-        state.events.sort(key=_timestamp)
+        state.events.sort(key=_TIME)
         self.processor.on_end(state)  # type: ignore[arg-type]  # see TaskTrace
 
 
@@ -437,6 +439,3 @@ def _span_id(task_id: str) -> int:
 def _ns(timestamp: float) -> int:
     return int(timestamp * 1e9)
 
-
-def _timestamp(event: SpanEventData) -> int:
-    return event[0]
