@@ -22,7 +22,7 @@ import ssl
 import struct
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any, Protocol
 from urllib.parse import unquote
@@ -34,6 +34,8 @@ _DOUBLE = struct.Struct("<d")
 
 # Protobuf wire types.
 VARINT, I64, LEN = 0, 1, 2
+SHARED_CACHE_SIZE = 4096
+"""Encoded shared attributes kept: task names x queues x workers x outcomes, mostly."""
 KIND_CONSUMER = 5  # Span.SpanKind.SPAN_KIND_CONSUMER
 Attributes = tuple[tuple[str, Any], ...]
 
@@ -86,7 +88,7 @@ class ExportError(Exception):
 
 class Span(Protocol):
     """A finished span as ``tracing.TaskTrace`` holds it: ids as integers (no parent: 0),
-    times in nanoseconds, events as (time, name, attributes), status as (code, message)."""
+    times in nanoseconds, status as (code, message)."""
 
     trace_id: int
     span_id: int
@@ -94,11 +96,19 @@ class Span(Protocol):
     name: str
     start: int
     end: int
-    events: list[tuple[int, str, Attributes]]
     status: tuple[int, str]
 
-    def attributes(self) -> tuple[Attributes, Attributes]:
-        """Attributes many spans share, then the span's own."""
+    def shared_key(self) -> Hashable:
+        """Equal for spans whose ``shared_attributes`` are equal."""
+
+    def shared_attributes(self) -> Attributes:
+        """Attributes many spans share, encoded once per ``shared_key``."""
+
+    def own_attributes(self) -> Attributes:
+        """Attributes of this span alone."""
+
+    def events(self) -> list[tuple[int, str, Attributes]]:
+        """(time, name, attributes) of each span event, in time order."""
 
 
 class Encoder:
@@ -107,6 +117,7 @@ class Encoder:
     def __init__(self, resource: Mapping[str, Any], scope_name: str,
                  scope_version: str | None) -> None:
         self._resource = _field(RESOURCE_SPANS_RESOURCE, _attributes(RESOURCE_ATTRIBUTES, resource))
+        self._shared: dict[Hashable, bytes] = {}
         self._scope = _field(SCOPE_SPANS_SCOPE, _field(SCOPE_NAME, scope_name.encode()) + (
             _field(SCOPE_VERSION, scope_version.encode()) if scope_version else b""))
 
@@ -114,7 +125,7 @@ class Encoder:
         """The request, joined once: a batch is megabytes, and each copy of it counts."""
         parts = [self._scope]
         for span in spans:
-            encoded = _span(span)
+            encoded = self._span(span)
             parts += (SCOPE_SPANS_SPANS, _varint(len(encoded)), encoded)
         scope_spans = sum(map(len, parts))
         head = RESOURCE_SPANS_SCOPE_SPANS + _varint(scope_spans)
@@ -123,32 +134,33 @@ class Encoder:
                          *parts])
 
 
-def _span(span: Span) -> bytes:
-    parts = [_ID16, span.trace_id.to_bytes(16, "big"), _ID8, span.span_id.to_bytes(8, "big")]
-    if span.parent_span_id:
-        parts += (_PARENT8, span.parent_span_id.to_bytes(8, "big"))
-    parts += (_name_and_kind(span.name), SPAN_START_TIME, _QUAD.pack(span.start),
-              SPAN_END_TIME, _QUAD.pack(span.end))
-    shared, own = span.attributes()
-    parts.append(_shared_attributes(shared))
-    parts += [_key_value(SPAN_ATTRIBUTES, key, value) for key, value in own]
-    for time, name, attributes in span.events:
-        head, tail = _event(name, attributes)
-        parts += (head, _QUAD.pack(time), tail)
-    parts.append(_status(*span.status))
-    return b"".join(parts)
+    def _span(self, span: Span) -> bytes:
+        parts = [_ID16, span.trace_id.to_bytes(16, "big"), _ID8, span.span_id.to_bytes(8, "big")]
+        if span.parent_span_id:
+            parts += (_PARENT8, span.parent_span_id.to_bytes(8, "big"))
+        parts += (_name_and_kind(span.name), SPAN_START_TIME, _QUAD.pack(span.start),
+                  SPAN_END_TIME, _QUAD.pack(span.end))
+        shared = span.shared_key()
+        encoded = self._shared.get(shared)
+        if encoded is None:
+            if len(self._shared) >= SHARED_CACHE_SIZE:
+                self._shared.clear()
+            encoded = self._shared[shared] = b"".join(
+                [_key_value(SPAN_ATTRIBUTES, key, value)
+                 for key, value in span.shared_attributes()])
+        parts.append(encoded)
+        parts += [_key_value(SPAN_ATTRIBUTES, key, value) for key, value in span.own_attributes()]
+        for time, name, attributes in span.events():
+            head, tail = _event(name, attributes)
+            parts += (head, _QUAD.pack(time), tail)
+        parts.append(_status(*span.status))
+        return b"".join(parts)
 
 
 @lru_cache(maxsize=1024)
 def _name_and_kind(name: str) -> bytes:
     """The span's name, and its kind: a task's span is a consumer's."""
     return _field(SPAN_NAME, name.encode()) + SPAN_KIND + _varint(KIND_CONSUMER)
-
-
-@lru_cache(maxsize=4096)
-def _shared_attributes(attributes: Attributes) -> bytes:
-    """Attributes of many spans, encoded once: one per task name, queue, host and outcome."""
-    return b"".join([_key_value(SPAN_ATTRIBUTES, key, value) for key, value in attributes])
 
 
 @lru_cache(maxsize=1024)
@@ -174,7 +186,7 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
 
 
 def _key_value(tag: bytes, key: str, value: Any) -> bytes:
-    """One ``KeyValue`` field. Callers cache what repeats (``_shared_attributes``,
+    """One ``KeyValue`` field. Callers cache what repeats (shared attributes,
     ``_event``); of the rest, doubles (measurements) and strings (ids), only the key is."""
     if type(value) is float:
         return _double_key(tag, key) + _DOUBLE.pack(value)

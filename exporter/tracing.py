@@ -83,11 +83,16 @@ class TaskTrace:
     trace goes through the ``BatchSpanProcessor`` as it is. ``otlp`` encodes it
     directly; for other exporters ``ReadableSpanExporter`` makes SDK spans of
     it, in the export thread.
+
+    The last delivery's received and started events are kept in slots, and
+    span events are made of them only for export; earlier deliveries and
+    retries, rare, go to ``history``. A span thus allocates nothing per event.
     """
 
-    __slots__ = ("end", "events", "hostname", "last_started", "name", "outcome", "parent_id",
-                 "parent_span_id", "queue", "retried", "retries", "root_id", "span_id", "start",
-                 "started", "status", "trace_id", "uuid")
+    __slots__ = ("end", "error", "first_started", "history", "hostname", "name", "outcome",
+                 "parent_id", "parent_span_id", "queue", "received", "received_by", "retried",
+                 "retries", "root_id", "span_id", "start", "started", "started_by", "status",
+                 "trace_id", "uuid")
     context = _Sampled
 
     def __init__(self, event: Event, root_id: str) -> None:
@@ -100,17 +105,23 @@ class TaskTrace:
         self.queue: str | None = None
         self.hostname: str | None = None
         self.start: int = _ns(event["timestamp"])
-        self.started: int | None = None  # the first task-started
-        self.last_started = 0
+        self.received = self.started = 0  # of the last delivery, with their workers:
+        self.received_by = self.started_by = ""
+        self.first_started = 0
         self.retried = 0  # task-retried events seen
         self.retries = 0  # Celery's count, from the events of the redelivered task
-        self.events: list[SpanEventData] = []
+        self.history: list[SpanEventData] | None = None
+        self.error: Attributes = ()  # the exception of a failure
         # end, trace_id, span_id, parent_span_id (0: none), status and outcome
         # are set when the task ends, by Spans._emit.
 
-    def attributes(self) -> tuple[Attributes, Attributes]:
-        """The span's attributes: those many spans share (which encoders may
-        cache), then the task's own. Built only for export."""
+    def shared_key(self) -> tuple[object, ...]:
+        """What ``shared_attributes`` are made of: spans with equal keys share them."""
+        return (self.queue, self.name, self.retries, self.retried, self.outcome, self.hostname)
+
+    def shared_attributes(self) -> Attributes:
+        """Attributes many spans share (task name, queue, worker, outcome): an encoder
+        may encode them once per ``shared_key``."""
         shared: Attributes = (
             ("messaging.system", "celery"),
             ("messaging.operation.type", "process"),
@@ -121,11 +132,33 @@ class TaskTrace:
         )
         if self.hostname is not None:
             shared += ((HOSTNAME, self.hostname),)
+        return shared
+
+    def own_attributes(self) -> Attributes:
+        """Attributes of this task alone: its id and its times."""
         own: Attributes = (("messaging.message.id", self.uuid),)
-        if self.started is not None:
-            own += (("celery.queue_wait_seconds", max(0, self.started - self.start) / 1e9),
-                    ("celery.run_seconds", max(0, self.end - self.last_started) / 1e9))
-        return shared, own
+        if self.first_started:
+            own += (("celery.queue_wait_seconds", max(0, self.first_started - self.start) / 1e9),
+                    ("celery.run_seconds", max(0, self.end - self.started) / 1e9))
+        return own
+
+    def events(self) -> list[SpanEventData]:
+        """The span's events in time order; built only for export."""
+        events = list(self.history) if self.history else []
+        if self.received:
+            events.append((self.received, "received", ((HOSTNAME, self.received_by),)))
+        if self.started:
+            events.append((self.started, "started", ((HOSTNAME, self.started_by),)))
+        if self.error:
+            events.append((self.end, "exception", self.error))
+        events.sort(key=_TIME)
+        return events
+
+    def remember(self, event: SpanEventData) -> None:
+        """Keep an event that the slots do not hold."""
+        if self.history is None:
+            self.history = []
+        self.history.append(event)
 
 
 class Spans:
@@ -152,7 +185,8 @@ class Spans:
         """End the span where its last event was, marked incomplete, rather than leak it."""
         state = getattr(task, "trace", None)
         if state is not None:
-            end = max((event[0] for event in state.events), default=state.start)
+            end = max(state.received, state.started, state.start,
+                      *(event[0] for event in state.history or ()))
             self._emit(task, state, end, (UNSET, ""), ("celery.incomplete", True))
 
     def close(self) -> None:
@@ -194,24 +228,27 @@ class Spans:
             # task-received can be earlier, and a span never starts after its events.
             if received < state.start:
                 state.start = received
-            state.events.append((received, "received", ((HOSTNAME, hostname),)))
+            if state.received:  # a redelivery: the earlier one becomes history
+                state.remember((state.received, "received", ((HOSTNAME, state.received_by),)))
+            state.received, state.received_by = received, hostname
 
     def _on_started(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
             hostname = state.hostname = event["hostname"]
-            timestamp = _ns(event["timestamp"])
-            if state.started is None:
-                state.started = timestamp
-            state.last_started = timestamp
-            state.events.append((timestamp, "started", ((HOSTNAME, hostname),)))
+            started = _ns(event["timestamp"])
+            if state.started:
+                state.remember((state.started, "started", ((HOSTNAME, state.started_by),)))
+            else:
+                state.first_started = started
+            state.started, state.started_by = started, hostname
 
     def _on_retried(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
             state.retried += 1
             attributes = (*_exception(event), ("celery.retries", state.retried))
-            state.events.append((_ns(event["timestamp"]), "retry", attributes))
+            state.remember((_ns(event["timestamp"]), "retry", attributes))
 
     def _on_succeeded(self, task: Task, event: Event) -> None:
         self._end(task, event, (UNSET, ""), "SUCCESS")
@@ -219,8 +256,7 @@ class Spans:
     def _on_failed(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
-            attributes = _exception(event)
-            state.events.append((_ns(event["timestamp"]), "exception", attributes))
+            attributes = state.error = _exception(event)
             status = (ERROR, f"{attributes[0][1]}: {attributes[1][1]}")
             self._end(task, event, status, "FAILURE")
 
@@ -249,7 +285,6 @@ class Spans:
         state.span_id = _span_id(state.uuid)
         parent_id = state.parent_id
         state.parent_span_id = _span_id(parent_id) if parent_id and parent_id != state.uuid else 0
-        state.events.sort(key=_TIME)
         self.processor.on_end(state)  # type: ignore[arg-type]  # see TaskTrace
 
 
@@ -260,11 +295,11 @@ def readable_span(trace: TaskTrace, resource: Resource,
     parent = (SpanContext(trace.trace_id, trace.parent_span_id, True, SAMPLED)
               if trace.parent_span_id else None)
     code, message = trace.status
-    shared, own = trace.attributes()
     return ReadableSpan(
         name=trace.name, context=context, parent=parent, resource=resource,
-        attributes=dict(shared + own), kind=SpanKind.CONSUMER,
-        events=[SpanEvent(name, dict(attributes), time) for time, name, attributes in trace.events],
+        attributes=dict(trace.shared_attributes() + trace.own_attributes()), kind=SpanKind.CONSUMER,
+        events=[SpanEvent(name, dict(attributes), time)
+                for time, name, attributes in trace.events()],
         status=Status(StatusCode(code), message or None), start_time=trace.start,
         end_time=trace.end, instrumentation_scope=scope)
 

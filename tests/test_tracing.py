@@ -294,6 +294,26 @@ def test_retries_are_events_of_one_span_without_sent_events() -> None:
     assert span.status.description == "KeyError: x"
 
 
+def test_a_redelivery_seen_before_its_retry_keeps_every_delivery_in_order() -> None:
+    tracker, memory = _scene()
+    task = str(uuid.uuid4())
+    # The worker's pool process sends task-retried; the redelivery's task-received,
+    # from the worker itself, can overtake it.
+    _feed(tracker, received(task, "app.flaky", 10.0), started(task, 10.5),
+          received(task, "app.flaky", 11.2, retries=1),
+          event("task-retried", 11.0, uuid=task, exception="RuntimeError('later')"),
+          started(task, 12.0), succeeded(task, 13.0, runtime=1.0))
+
+    (span,) = memory.get_finished_spans()
+    assert [(event.name, event.timestamp) for event in span.events] == [
+        ("received", 10_000_000_000), ("started", 10_500_000_000), ("retry", 11_000_000_000),
+        ("received", 11_200_000_000), ("started", 12_000_000_000)]
+    assert span.attributes["celery.retries"] == 1
+    assert span.attributes["celery.queue_wait_seconds"] == 0.5  # to the first start
+    assert span.attributes["celery.run_seconds"] == 1.0  # from the last start
+    assert span.status.is_unset
+
+
 def test_sampling_keeps_or_drops_whole_workflows_the_same_everywhere() -> None:
     kept = []
     for _replica in range(2):
