@@ -18,14 +18,13 @@ plus ``/v1/traces``), and the ``_HEADERS``, ``_TIMEOUT`` (milliseconds),
 from __future__ import annotations
 
 import gzip
+import http.client
 import ssl
 import struct
-import urllib.error
-import urllib.request
 from collections.abc import Hashable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
 DEFAULT_TIMEOUT_MS = 10_000
@@ -229,7 +228,8 @@ def _varint(value: int) -> bytes:
 
 
 class HttpSender:
-    """POSTs encoded batches to the collector the environment names."""
+    """POSTs encoded batches to the collector the environment names, over one
+    kept-alive connection (one TLS handshake, not one a batch)."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         def setting(name: str) -> str:
@@ -239,6 +239,13 @@ class HttpSender:
         base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
         self.endpoint = (environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
                          or (base.rstrip("/") + "/v1/traces" if base else DEFAULT_ENDPOINT))
+        url = urlsplit(self.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"the OTLP endpoint must be an http:// or https:// URL, got "
+                             f"{self.endpoint!r}")
+        self._host, self._port = url.hostname, url.port
+        self._path = url.path + (f"?{url.query}" if url.query else "") or "/"
+        self._connection: http.client.HTTPConnection | None = None
         self.headers = {"Content-Type": "application/x-protobuf", **parse_headers(
             setting("HEADERS"))}
         self.gzip = setting("COMPRESSION").lower() == "gzip"
@@ -253,17 +260,40 @@ class HttpSender:
                                              setting("CLIENT_KEY") or None)
 
     def send(self, body: bytes) -> None:
-        """Deliver one request body; ``ExportError`` saying why when the collector refuses it."""
+        """Deliver one request body; ``ExportError`` saying why when the collector refuses it.
+
+        A kept-alive connection the collector has since closed fails the first
+        try: the batch then goes once more, on a new connection.
+        """
         data = gzip.compress(body, compresslevel=1) if self.gzip else body
-        request = urllib.request.Request(self.endpoint, data, self.headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout,
-                                        context=self.context) as response:
-                response.read()
-        except urllib.error.HTTPError as exc:
-            raise ExportError(f"{self.endpoint}: HTTP {exc.code} {exc.reason}") from None
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"{self.endpoint}: {exc}") from None
+        for last_try in (self._connection is None, True):
+            try:
+                status, reason = self._post(data)
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if last_try:
+                    detail = str(exc) or type(exc).__name__
+                    raise ExportError(f"{self.endpoint}: {detail}") from None
+        if not 200 <= status < 300:
+            raise ExportError(f"{self.endpoint}: HTTP {status} {reason}")
+
+    def _post(self, data: bytes) -> tuple[int, str]:
+        if self._connection is None:
+            self._connection = (
+                http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
+                                            context=self.context)
+                if self.context else
+                http.client.HTTPConnection(self._host, self._port, timeout=self.timeout))
+        self._connection.request("POST", self._path, data, self.headers)
+        response = self._connection.getresponse()
+        response.read()
+        return response.status, response.reason
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 def parse_headers(text: str) -> dict[str, str]:

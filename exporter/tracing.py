@@ -342,6 +342,9 @@ class HttpSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
+    def shutdown(self) -> None:
+        self.sender.close()
+
 
 BATCH_DEFAULTS = (("max_queue_size", "OTEL_BSP_MAX_QUEUE_SIZE", 16_384),
                   ("max_export_batch_size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2_048))
@@ -409,7 +412,11 @@ def _span_exporter(environ: Mapping[str, str], resource: Resource,
                 f"otlp_traces: {variable}=grpc needs opentelemetry-exporter-otlp-proto-grpc: "
                 "pip install opentelemetry-exporter-otlp-proto-grpc") from None
         return ReadableSpanExporter(GrpcSpanExporter(), resource, scope)
-    return HttpSpanExporter(otlp.HttpSender(environ), resource, scope)
+    try:
+        sender = otlp.HttpSender(environ)
+    except ValueError as exc:
+        raise ConfigError(f"otlp_traces: {exc}") from None
+    return HttpSpanExporter(sender, resource, scope)
 
 
 def _count_retries(state: TaskTrace, event: Event) -> None:

@@ -8,7 +8,9 @@ made to do on demand (eviction, sampling of many workflows).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import socket
 import subprocess
 import sys
 import threading
@@ -70,15 +72,24 @@ def _attributes(pairs: Any) -> dict[str, Any]:
 
 
 class OtlpReceiver:
-    """An OTLP/HTTP endpoint: POST /v1/traces, protobuf bodies, spans kept in order."""
+    """An OTLP/HTTP endpoint: POST /v1/traces, protobuf bodies, spans kept in order;
+    HTTP/1.1 with kept-alive connections, as collectors serve it."""
 
     def __init__(self) -> None:
         self.spans: list[Span] = []
         self.requests = 0
+        self.connections: list[Any] = []
         lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with lock:
+                    receiver.connections.append(self.connection)
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.headers.get("Content-Encoding") == "gzip":
@@ -110,7 +121,14 @@ class OtlpReceiver:
         """Spans by the task uuid they describe."""
         return {span.attributes["messaging.message.id"]: span for span in list(self.spans)}
 
+    def drop_connections(self) -> None:
+        """Close every connection from this side, as a collector does with idle ones."""
+        for connection in self.connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
     def stop(self) -> None:
+        self.drop_connections()
         self.server.shutdown()
         self.server.server_close()
 
@@ -393,6 +411,20 @@ def test_gzip_batches_reach_the_collector(collector: OtlpReceiver) -> None:
         "app.add", _hex(a), "celery")
 
 
+def test_batches_share_a_connection_and_one_the_collector_closed_loses_nothing(
+        collector: OtlpReceiver) -> None:
+    sender = otlp.HttpSender({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.endpoint})
+    resource, scope = tracing.origin()
+    body = otlp.Encoder(resource.attributes, scope.name, scope.version).encode([])
+    sender.send(body)
+    sender.send(body)
+    assert (collector.requests, len(collector.connections)) == (2, 1)
+    collector.drop_connections()
+    sender.send(body)  # fails on the closed connection, then goes on a new one
+    assert (collector.requests, len(collector.connections)) == (3, 2)
+    sender.close()
+
+
 def _start(argv: list[str], env: dict[str, str] | None = None,
            prelude: str = "") -> subprocess.CompletedProcess:
     """The CLI in a child process that must stop at once, before any broker is reached."""
@@ -418,6 +450,9 @@ def test_without_the_opentelemetry_packages_the_start_stops_clearly() -> None:
     ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json",
      "otlp_traces: OTEL_EXPORTER_OTLP_PROTOCOL: expected one of http/protobuf, grpc, got "
      "'http/json'"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318",
+     "otlp_traces: the OTLP endpoint must be an http:// or https:// URL, got "
+     "'collector:4318/v1/traces'"),
 ])
 def test_an_unusable_protocol_stops_the_start(variable: str, value: str, message: str) -> None:
     result = _start([], env={variable: value})
