@@ -30,7 +30,6 @@ long, for at most this many tasks, then count as they are."""
 Event = dict[str, Any]
 _OTHER = (OTHER,)
 FINAL = frozenset({"task-succeeded", "task-failed", "task-rejected", "task-revoked"})
-TASK_EVENTS = FINAL | {"task-sent", "task-received", "task-started", "task-retried"}
 
 
 class Task:
