@@ -72,7 +72,7 @@ _MASK64 = _RANGE64 - 1
 class _Sampled:
     """The one part of a span the SDK's span processors read before queuing it."""
 
-    trace_flags = TraceFlags(TraceFlags.SAMPLED)
+    trace_flags = SAMPLED
 
 
 class TaskTrace:
