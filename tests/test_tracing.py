@@ -8,16 +8,11 @@ made to do on demand (eviction, sampling of many workflows).
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import socket
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -25,7 +20,6 @@ from celery import chain, group
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
@@ -37,6 +31,7 @@ from exporter.tracker import Tracker
 from tests.celery_app import make_app
 from tests.events import event, failed, received, sent, started, succeeded
 from tests.harness import ROOT, ExporterProcess
+from tests.otlp_endpoint import OtlpEndpoint
 from tests.servers import wait_for
 
 CONSUMER = 5  # SpanKind.SPAN_KIND_CONSUMER in OTLP
@@ -71,66 +66,19 @@ def _attributes(pairs: Any) -> dict[str, Any]:
     return {pair.key: _value(pair.value) for pair in pairs}
 
 
-class OtlpReceiver:
-    """An OTLP/HTTP endpoint: POST /v1/traces, protobuf bodies, spans kept in order;
-    HTTP/1.1 with kept-alive connections, as collectors serve it."""
+class OtlpReceiver(OtlpEndpoint):
+    """The test collector: keeps every span it receives, in order."""
 
     def __init__(self) -> None:
         self.spans: list[Span] = []
-        self.requests = 0
-        self.connections: list[Any] = []
-        lock = threading.Lock()
-        receiver = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self) -> None:
-                super().setup()
-                with lock:
-                    receiver.connections.append(self.connection)
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                if self.path != "/v1/traces" or \
-                        self.headers["Content-Type"] != "application/x-protobuf":
-                    self.send_error(404 if self.path != "/v1/traces" else 415)
-                    return
-                request = ExportTraceServiceRequest.FromString(body)
-                with lock:
-                    receiver.requests += 1
-                    receiver.spans.extend(_spans(request))
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
+    def received(self, request: ExportTraceServiceRequest, size: int) -> None:
+        self.spans.extend(_spans(request))
 
     def by_id(self) -> dict[str, Span]:
         """Spans by the task uuid they describe."""
         return {span.attributes["messaging.message.id"]: span for span in list(self.spans)}
-
-    def drop_connections(self) -> None:
-        """Close every connection from this side, as a collector does with idle ones."""
-        for connection in self.connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-
-    def stop(self) -> None:
-        self.drop_connections()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _spans(request: ExportTraceServiceRequest) -> Iterator[Span]:
