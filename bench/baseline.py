@@ -21,8 +21,12 @@ from celery import Celery
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.baseline")
     parser.add_argument("--broker-url", required=True)
-    parser.add_argument("--max-tasks", type=int, default=100_000,
-                        help="State(max_tasks_in_memory=...): as many as the exporter tracks")
+    parser.add_argument(
+        "--max-tasks",
+        type=int,
+        default=100_000,
+        help="State(max_tasks_in_memory=...): as many as the exporter tracks",
+    )
     args = parser.parse_args(argv)
 
     app = Celery(broker=args.broker_url)

@@ -29,7 +29,11 @@ SLICE_SECONDS = 0.005
 def resp_publish(message: Message) -> bytes:
     channel = message.channel.encode()
     return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-        len(channel), channel, len(message.data), message.data)
+        len(channel),
+        channel,
+        len(message.data),
+        message.data,
+    )
 
 
 def stream(args: argparse.Namespace, start: float) -> Iterator[Message]:
@@ -90,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.publisher")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", choices=("lifecycles", "received", "grid"),
-                        default="lifecycles")
+    parser.add_argument("--mode", choices=("lifecycles", "received", "grid"), default="lifecycles")
     parser.add_argument("--rate", type=float, required=True, help="events a second")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batched", action="store_true")
@@ -132,12 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     while replies.count < messages and time.monotonic() < deadline and not replies.error:
         time.sleep(0.01)
     sock.close()
-    print(json.dumps({
-        "events": events, "messages": messages, "seconds": round(sent_in, 3),
-        "rate": round(events / sent_in, 1) if sent_in else None,
-        "max_late_seconds": round(late, 4), "start_delay_seconds": round(max(0.0, overrun), 4),
-        "deliveries": replies.deliveries, "error": replies.error,
-    }))
+    print(
+        json.dumps(
+            {
+                "events": events,
+                "messages": messages,
+                "seconds": round(sent_in, 3),
+                "rate": round(events / sent_in, 1) if sent_in else None,
+                "max_late_seconds": round(late, 4),
+                "start_delay_seconds": round(max(0.0, overrun), 4),
+                "deliveries": replies.deliveries,
+                "error": replies.error,
+            }
+        )
+    )
     return 0 if not replies.error else 1
 
 

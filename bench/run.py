@@ -68,18 +68,40 @@ class Sizes:
     overload_rate: float
 
 
-FULL = Sizes(cpu_rate_unbatched=60_000, cpu_rate_batched=200_000, cpu_seconds=2, cpu_windows=3,
-             window=10,
-             ladder_unbatched=(40_000, 60_000, 80_000, 100_000, 120_000),
-             ladder_batched=(100_000, 200_000, 300_000, 400_000),
-             baseline_ladder=(5_000, 10_000, 15_000, 20_000, 30_000),
-             memory_tasks=100_000, memory_workers=1000, memory_rate=10_000,
-             grid_workers=200, grid_names=50, scrapes=31, overload_rate=150_000)
-QUICK = Sizes(cpu_rate_unbatched=2_000, cpu_rate_batched=4_000, cpu_seconds=1, cpu_windows=1,
-              window=1,
-              ladder_unbatched=(3_000,), ladder_batched=(6_000,), baseline_ladder=(2_000,),
-              memory_tasks=2_000, memory_workers=20, memory_rate=5_000,
-              grid_workers=10, grid_names=5, scrapes=5, overload_rate=20_000)
+FULL = Sizes(
+    cpu_rate_unbatched=60_000,
+    cpu_rate_batched=200_000,
+    cpu_seconds=2,
+    cpu_windows=3,
+    window=10,
+    ladder_unbatched=(40_000, 60_000, 80_000, 100_000, 120_000),
+    ladder_batched=(100_000, 200_000, 300_000, 400_000),
+    baseline_ladder=(5_000, 10_000, 15_000, 20_000, 30_000),
+    memory_tasks=100_000,
+    memory_workers=1000,
+    memory_rate=10_000,
+    grid_workers=200,
+    grid_names=50,
+    scrapes=31,
+    overload_rate=150_000,
+)
+QUICK = Sizes(
+    cpu_rate_unbatched=2_000,
+    cpu_rate_batched=4_000,
+    cpu_seconds=1,
+    cpu_windows=1,
+    window=1,
+    ladder_unbatched=(3_000,),
+    ladder_batched=(6_000,),
+    baseline_ladder=(2_000,),
+    memory_tasks=2_000,
+    memory_workers=20,
+    memory_rate=5_000,
+    grid_workers=10,
+    grid_names=5,
+    scrapes=5,
+    overload_rate=20_000,
+)
 
 TARGETS = {  # figure: (bound, "max" when the figure must stay below it, else "min")
     "cpu_us_per_event_unbatched": (10.0, "max"),
@@ -142,10 +164,17 @@ class Exporter:
     def __init__(self, broker_url: str, traces: str | None = None) -> None:
         self.name = "exporter+traces" if traces else "exporter"
         tracing = ["--otlp-traces"] if traces else []
-        env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": traces,
-               "OTEL_BSP_SCHEDULE_DELAY": TRACE_BATCH_DELAY_MS} if traces else None
+        env = (
+            {
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": traces,
+                "OTEL_BSP_SCHEDULE_DELAY": TRACE_BATCH_DELAY_MS,
+            }
+            if traces
+            else None
+        )
         self.process = ExporterProcess(
-            ["--broker-url", broker_url, "--log-level", "warning", *tracing], env=env)
+            ["--broker-url", broker_url, "--log-level", "warning", *tracing], env=env
+        )
         self.process.wait_serving()
         self.pid = self.process.process.pid
         deadline = time.monotonic() + 15
@@ -153,9 +182,13 @@ class Exporter:
             time.sleep(0.05)
 
     def events(self) -> int:
-        return int(sum(float(line.rpartition(" ")[2]) for line in
-                       scrape(self.process.url).splitlines()
-                       if line.startswith("celery_exporter_events_total{")))
+        return int(
+            sum(
+                float(line.rpartition(" ")[2])
+                for line in scrape(self.process.url).splitlines()
+                if line.startswith("celery_exporter_events_total{")
+            )
+        )
 
     def stop(self) -> None:
         self.process.stop()
@@ -177,7 +210,11 @@ class Baseline:
     def __init__(self, broker_url: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.baseline", "--broker-url", broker_url],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.pid = self.process.pid
 
     def events(self) -> int:
@@ -221,8 +258,9 @@ class Bench:
             time.sleep(0.05)
         client.close()
 
-    def traffic(self, subject: Subject, scenario: str, *publisher_args: str,
-                stall: bool = False) -> dict[str, Any]:
+    def traffic(
+        self, subject: Subject, scenario: str, *publisher_args: str, stall: bool = False
+    ) -> dict[str, Any]:
         """Publish, wait until the subject has counted everything it will, measure.
 
         With ``stall`` the subject is stopped (SIGSTOP) while the traffic passes.
@@ -232,8 +270,19 @@ class Bench:
             os.kill(subject.pid, signal.SIGSTOP)
         try:
             out = subprocess.run(
-                [sys.executable, "-m", "bench.publisher", "--port", str(self.redis.port),
-                 *publisher_args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.publisher",
+                    "--port",
+                    str(self.redis.port),
+                    *publisher_args,
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
         finally:
             if stall:
                 os.kill(subject.pid, signal.SIGCONT)
@@ -246,15 +295,23 @@ class Bench:
             now = subject.events()
             if now != counted:
                 counted, last_change = now, time.monotonic()
-        run = {"subject": subject.name, "scenario": scenario, "published": published,
-               "counted": counted - before_events, "lost": expected - counted,
-               "cpu_seconds": round(cpu, 3),
-               "cpu_us_per_event": round(cpu / max(1, counted - before_events) * 1e6, 2),
-               "rss_mb": round(rss_mb(subject.pid), 1)}
+        run = {
+            "subject": subject.name,
+            "scenario": scenario,
+            "published": published,
+            "counted": counted - before_events,
+            "lost": expected - counted,
+            "cpu_seconds": round(cpu, 3),
+            "cpu_us_per_event": round(cpu / max(1, counted - before_events) * 1e6, 2),
+            "rss_mb": round(rss_mb(subject.pid), 1),
+        }
         self.runs.append(run)
-        print(f"  {subject.name:8} {scenario:34} published {published['events']:>8} "
-              f"at {published['rate'] or 0:>9.0f}/s  lost {run['lost']:>7}  "
-              f"{run['cpu_us_per_event']:>6} µs/event", file=sys.stderr)
+        print(
+            f"  {subject.name:8} {scenario:34} published {published['events']:>8} "
+            f"at {published['rate'] or 0:>9.0f}/s  lost {run['lost']:>7}  "
+            f"{run['cpu_us_per_event']:>6} µs/event",
+            file=sys.stderr,
+        )
         return run
 
     def cpu(self, kind: Start, batched: bool) -> float:
@@ -271,10 +328,17 @@ class Bench:
         scenario = f"cpu {rate:.0f}/s {'batched' if batched else 'unbatched'}"
         try:
             per_event = [
-                self.traffic(subject, scenario, "--rate", str(rate),
-                             "--seconds", str(self.sizes.cpu_seconds),
-                             *(("--batched",) if batched else ()))["cpu_us_per_event"]
-                for _ in range(self.sizes.cpu_windows)]
+                self.traffic(
+                    subject,
+                    scenario,
+                    "--rate",
+                    str(rate),
+                    "--seconds",
+                    str(self.sizes.cpu_seconds),
+                    *(("--batched",) if batched else ()),
+                )["cpu_us_per_event"]
+                for _ in range(self.sizes.cpu_windows)
+            ]
         finally:
             client.config_set("client-output-buffer-limit", PUBSUB_BUFFER_LIMIT)
             client.close()
@@ -286,10 +350,15 @@ class Bench:
         subject, best = self.start(kind), 0.0
         try:
             for rate in ladder:
-                run = self.traffic(subject, f"sustain {rate:.0f}/s "
-                                   f"{'batched' if batched else 'unbatched'}",
-                                   "--rate", str(rate), "--seconds", str(self.sizes.window),
-                                   *(("--batched",) if batched else ()))
+                run = self.traffic(
+                    subject,
+                    f"sustain {rate:.0f}/s {'batched' if batched else 'unbatched'}",
+                    "--rate",
+                    str(rate),
+                    "--seconds",
+                    str(self.sizes.window),
+                    *(("--batched",) if batched else ()),
+                )
                 if run["lost"] or run["published"]["rate"] < 0.97 * rate:
                     break
                 best = rate
@@ -300,10 +369,20 @@ class Bench:
     def memory(self, kind: Start) -> float:
         subject = self.start(kind)
         try:
-            run = self.traffic(subject, "memory", "--mode", "received",
-                               "--tasks", str(self.sizes.memory_tasks),
-                               "--workers", str(self.sizes.memory_workers),
-                               "--names", "100", "--rate", str(self.sizes.memory_rate))
+            run = self.traffic(
+                subject,
+                "memory",
+                "--mode",
+                "received",
+                "--tasks",
+                str(self.sizes.memory_tasks),
+                "--workers",
+                str(self.sizes.memory_workers),
+                "--names",
+                "100",
+                "--rate",
+                str(self.sizes.memory_rate),
+            )
         finally:
             subject.stop()
         return run["rss_mb"]
@@ -313,9 +392,18 @@ class Bench:
         subject = self.start(Exporter)
         assert isinstance(subject, Exporter)
         try:
-            self.traffic(subject, "metrics grid", "--mode", "grid",
-                         "--workers", str(self.sizes.grid_workers),
-                         "--names", str(self.sizes.grid_names), "--rate", "20000")
+            self.traffic(
+                subject,
+                "metrics grid",
+                "--mode",
+                "grid",
+                "--workers",
+                str(self.sizes.grid_workers),
+                "--names",
+                str(self.sizes.grid_names),
+                "--rate",
+                "20000",
+            )
             times, text = [], ""
             for _ in range(self.sizes.scrapes):
                 began = time.perf_counter()
@@ -325,7 +413,6 @@ class Bench:
             subject.stop()
         samples = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
         return statistics.median(times), samples
-
 
     def overload(self, stall: bool) -> dict[str, Any]:
         """Traffic far above capacity: Redis must drop the exporter, and the exporter say why.
@@ -340,8 +427,15 @@ class Bench:
         client.config_set("client-output-buffer-limit", limit)
         rate, seconds = (20_000, 1) if stall else (self.sizes.overload_rate, 4)
         try:
-            self.traffic(subject, f"overload {rate:.0f}/s{' stalled' if stall else ''}",
-                         "--rate", str(rate), "--seconds", str(seconds), stall=stall)
+            self.traffic(
+                subject,
+                f"overload {rate:.0f}/s{' stalled' if stall else ''}",
+                "--rate",
+                str(rate),
+                "--seconds",
+                str(seconds),
+                stall=stall,
+            )
             text, log = scrape(subject.process.url), subject.process.log()
         finally:
             client.config_set("client-output-buffer-limit", PUBSUB_BUFFER_LIMIT)
@@ -363,10 +457,13 @@ class Bench:
 def figure(key: str, exporter: float, baseline: float | None, quick: bool) -> dict[str, Any]:
     bound, sense = TARGETS[key]
     met = exporter <= bound if sense == "max" else exporter >= bound
-    return {"exporter": round(exporter, 2), "baseline": baseline,
-            "ratio": round(exporter / baseline, 3) if baseline else None,
-            "target": f"{'≤' if sense == 'max' else '≥'} {bound:g}",
-            "met": None if quick else met}
+    return {
+        "exporter": round(exporter, 2),
+        "baseline": baseline,
+        "ratio": round(exporter / baseline, 3) if baseline else None,
+        "target": f"{'≤' if sense == 'max' else '≥'} {bound:g}",
+        "met": None if quick else met,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -376,26 +473,37 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.partition(":")[2].strip()
                 break
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "system": f"{platform.system()} {platform.release()}"}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
+    }
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = ["| figure | exporter | Celery EventReceiver + State | ratio | target | met |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| figure | exporter | Celery EventReceiver + State | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, values in result["figures"].items():
         baseline = "—" if values["baseline"] is None else f"{values['baseline']:g}"
         ratio = "—" if values["ratio"] is None else f"{values['ratio']:g}x"
         met = {True: "yes", False: "**no**", None: "(quick)"}[values["met"]]
-        rows.append(f"| {LABELS[key]} | {values['exporter']:g} | {baseline} | {ratio} "
-                    f"| {values['target']} | {met} |")
+        rows.append(
+            f"| {LABELS[key]} | {values['exporter']:g} | {baseline} | {ratio} "
+            f"| {values['target']} | {met} |"
+        )
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes: proves the bench works, a few seconds per scenario")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: proves the bench works, a few seconds per scenario",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     sizes, quick = (QUICK, True) if args.quick else (FULL, False)
@@ -412,18 +520,24 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_us_per_event_unbatched": (bench.cpu(Exporter, False), bench.cpu(Baseline, False)),
             "cpu_us_per_event_batched": (bench.cpu(Exporter, True), bench.cpu(Baseline, True)),
         }
-        traced_us = {mode: bench.cpu(traced, batched)
-                     for mode, batched in (("unbatched", False), ("batched", True))}
+        traced_us = {
+            mode: bench.cpu(traced, batched)
+            for mode, batched in (("unbatched", False), ("batched", True))
+        }
         for mode, us in traced_us.items():
-            figures[f"traced_cpu_ratio_{mode}"] = (us / figures[f"cpu_us_per_event_{mode}"][0],
-                                                   None)
+            figures[f"traced_cpu_ratio_{mode}"] = (
+                us / figures[f"cpu_us_per_event_{mode}"][0],
+                None,
+            )
         figures |= {
             "zero_loss_rate_unbatched": (
                 bench.zero_loss(Exporter, sizes.ladder_unbatched, False),
-                bench.zero_loss(Baseline, sizes.baseline_ladder, False)),
+                bench.zero_loss(Baseline, sizes.baseline_ladder, False),
+            ),
             "zero_loss_rate_batched": (
                 bench.zero_loss(Exporter, sizes.ladder_batched, True),
-                bench.zero_loss(Baseline, sizes.baseline_ladder, True)),
+                bench.zero_loss(Baseline, sizes.baseline_ladder, True),
+            ),
             "rss_mb_100k_tasks": (bench.memory(Exporter), bench.memory(Baseline)),
         }
         render_ms, samples = bench.render()
@@ -432,9 +546,13 @@ def main(argv: list[str] | None = None) -> int:
         sink.close()
         redis.close()
     result = {
-        "mode": "quick" if quick else "full", "machine": machine(), "sizes": asdict(sizes),
+        "mode": "quick" if quick else "full",
+        "machine": machine(),
+        "sizes": asdict(sizes),
         "figures": {key: figure(key, ex, base, quick) for key, (ex, base) in figures.items()},
-        "overload": overload, "traces": sink.counts(), "runs": bench.runs,
+        "overload": overload,
+        "traces": sink.counts(),
+        "runs": bench.runs,
     }
     result["figures"]["metrics_render_ms"] = figure("metrics_render_ms", render_ms, None, quick)
     result["figures"]["metrics_render_ms"]["samples"] = samples
@@ -442,7 +560,6 @@ def main(argv: list[str] | None = None) -> int:
         result["figures"][f"traced_cpu_ratio_{mode}"]["traced_us_per_event"] = us
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, "
-          f"{result['mode']} run\n")
+    print(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, {result['mode']} run\n")
     print(table(result))
     return 0 if quick or all(f["met"] for f in result["figures"].values()) else 1

@@ -19,8 +19,11 @@ class TraceSink(OtlpEndpoint):
 
     def received(self, request: ExportTraceServiceRequest, size: int) -> None:
         self.bytes += size
-        self.spans += sum(len(scope.spans) for resource in request.resource_spans
-                          for scope in resource.scope_spans)
+        self.spans += sum(
+            len(scope.spans)
+            for resource in request.resource_spans
+            for scope in resource.scope_spans
+        )
 
     def counts(self) -> dict[str, int]:
         return {"requests": self.requests, "bytes": self.bytes, "spans": self.spans}

@@ -59,8 +59,15 @@ def _open(value: Any, slots: tuple[str, ...]) -> Any:
 
 def _dispatcher_fields(type_: str, fields: dict[str, Any]) -> dict[str, Any]:
     """Field order of ``EventDispatcher._prepare_event`` + ``Event``."""
-    return {"hostname": None, "utcoffset": 0, "pid": None, "clock": None, **fields,
-            "timestamp": None, "type": type_}
+    return {
+        "hostname": None,
+        "utcoffset": 0,
+        "pid": None,
+        "clock": None,
+        **fields,
+        "timestamp": None,
+        "type": type_,
+    }
 
 
 COMMON = ("hostname", "pid", "clock", "timestamp")
@@ -105,8 +112,12 @@ ENVELOPE = Template({
 def envelope(body: str, hostname: str, routing_key: str, tag: str) -> bytes:
     """kombu's Redis message around a JSON body."""
     encoded = base64.b64encode(body.encode()).decode()
-    return ENVELOPE.render(body=f'"{encoded}"', hostname=json.dumps(hostname),
-                           routing_key=f'"{routing_key}"', delivery_tag=f'"{tag}"').encode()
+    return ENVELOPE.render(
+        body=f'"{encoded}"',
+        hostname=json.dumps(hostname),
+        routing_key=f'"{routing_key}"',
+        delivery_tag=f'"{tag}"',
+    ).encode()
 
 
 @dataclass
@@ -134,8 +145,13 @@ class Worker:
 
     def event(self, type_: str, timestamp: float, **values: str) -> str:
         self.clock += 1
-        return EVENTS[type_].render(hostname=self.json_hostname, pid=self.pid,
-                                    clock=str(self.clock), timestamp=repr(timestamp), **values)
+        return EVENTS[type_].render(
+            hostname=self.json_hostname,
+            pid=self.pid,
+            clock=str(self.clock),
+            timestamp=repr(timestamp),
+            **values,
+        )
 
 
 class Traffic:
@@ -161,10 +177,15 @@ class Traffic:
         serial = self._serial
         return f"{self._tag}{serial >> 48 & 0xFFF:03x}-8000-{serial & 0xFFFFFFFFFFFF:012x}"
 
-    def _message(self, worker: Worker, routing_key: str, body: str, events: int,
-                 at: float) -> Message:
-        return Message(CHANNEL_PREFIX + routing_key,
-                       envelope(body, worker.hostname, routing_key, self._uuid()), events, at)
+    def _message(
+        self, worker: Worker, routing_key: str, body: str, events: int, at: float
+    ) -> Message:
+        return Message(
+            CHANNEL_PREFIX + routing_key,
+            envelope(body, worker.hostname, routing_key, self._uuid()),
+            events,
+            at,
+        )
 
     def _new_task(self) -> tuple[str, str, int]:
         if self._retries and self.random.random() < 0.5:
@@ -177,8 +198,16 @@ class Traffic:
         events = []
         task = self._new_task()
         worker.prefetched.append(task)
-        events.append(worker.event("task-received", at, uuid=task[0], name=task[1],
-                                   root_id=task[0], retries=str(task[2])))
+        events.append(
+            worker.event(
+                "task-received",
+                at,
+                uuid=task[0],
+                name=task[1],
+                root_id=task[0],
+                retries=str(task[2]),
+            )
+        )
         if len(worker.prefetched) > 1:
             started = worker.prefetched.pop(0)
             worker.active.append(started)
@@ -198,8 +227,11 @@ class Traffic:
         return events
 
     def heartbeat(self, worker: Worker, at: float, kind: str = "worker-heartbeat") -> Message:
-        values = ({} if kind == "worker-online" else
-                  {"active": str(len(worker.active)), "processed": str(worker.processed)})
+        values = (
+            {}
+            if kind == "worker-online"
+            else {"active": str(len(worker.active)), "processed": str(worker.processed)}
+        )
         body = worker.event(kind, self.start + at, **values)
         return self._message(worker, kind.replace("-", "."), body, 1, at)
 
@@ -224,11 +256,12 @@ class Traffic:
                 while len(bodies) + 3 <= BATCH_LIMIT:
                     bodies += self._step(worker, self.start + (sent + len(bodies)) / rate)
                 sent += len(bodies)
-                yield self._message(worker, "task.multi", f"[{', '.join(bodies)}]",
-                                    len(bodies), sent / rate)
+                yield self._message(
+                    worker, "task.multi", f"[{', '.join(bodies)}]", len(bodies), sent / rate
+                )
             else:
                 for body in self._step(worker, self.start + at):
-                    kind = body[body.rindex('"type": "') + 9:-2]
+                    kind = body[body.rindex('"type": "') + 9 : -2]
                     yield self._message(worker, kind.replace("-", "."), body, 1, sent / rate)
                     sent += 1
 
@@ -239,8 +272,14 @@ class Traffic:
             worker = self.workers[i % len(self.workers)]
             at = (len(self.workers) + i) / rate
             uuid = f'"{self._uuid()}"'
-            body = worker.event("task-received", self.start + at, uuid=uuid,
-                                name=self.names[i % len(self.names)], root_id=uuid, retries="0")
+            body = worker.event(
+                "task-received",
+                self.start + at,
+                uuid=uuid,
+                name=self.names[i % len(self.names)],
+                root_id=uuid,
+                retries="0",
+            )
             yield self._message(worker, "task.received", body, 1, at)
 
     def grid(self, rate: float) -> Iterator[Message]:
@@ -254,11 +293,13 @@ class Traffic:
                     at = self.start + sent / rate
                     extra = {"runtime": "0.0123"} if final == "task-succeeded" else {}
                     bodies = [
-                        worker.event("task-received", at, uuid=uuid, name=name, root_id=uuid,
-                                     retries="0"),
+                        worker.event(
+                            "task-received", at, uuid=uuid, name=name, root_id=uuid, retries="0"
+                        ),
                         worker.event("task-started", at, uuid=uuid),
                         worker.event(final, at, uuid=uuid, **extra),
                     ]
                     sent += 3
-                    yield self._message(worker, "task.multi", f"[{', '.join(bodies)}]", 3,
-                                        sent / rate)
+                    yield self._message(
+                        worker, "task.multi", f"[{', '.join(bodies)}]", 3, sent / rate
+                    )

@@ -94,8 +94,9 @@ def _items(value: Any) -> list[Any]:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     if isinstance(value, list | tuple):
-        return [item for part in value for item in (_items(part) if isinstance(part, str)
-                                                    else [part])]
+        return [
+            item for part in value for item in (_items(part) if isinstance(part, str) else [part])
+        ]
     raise ValueError(f"expected a list, got {value!r}")
 
 
@@ -166,8 +167,7 @@ def option(
     repeat: bool = False,
 ) -> Any:
     """A ``Config`` field with what the CLI, environment and file need to know."""
-    metadata = {"help": help, "group": group, "parse": parse, "metavar": metavar,
-                "repeat": repeat}
+    metadata = {"help": help, "group": group, "parse": parse, "metavar": metavar, "repeat": repeat}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -184,87 +184,194 @@ class Config:
     """The daemon's validated configuration."""
 
     broker_url: str = option(
-        "", "Broker URL: redis://, rediss://, sentinel://, amqp://, amqps:// or filesystem://. "
-        "Required unless --demo.", group=BROKER, metavar="URL")
+        "",
+        "Broker URL: redis://, rediss://, sentinel://, amqp://, amqps:// or filesystem://. "
+        "Required unless --demo.",
+        group=BROKER,
+        metavar="URL",
+    )
     broker_transport_options: dict[str, Any] = option(
-        {}, "kombu transport option key=value (repeatable); values parse as JSON where they "
-        "can, e.g. master_name=mymaster, global_keyprefix=app:.", group=BROKER,
-        parse=_options, metavar="KEY=VALUE", repeat=True)
+        {},
+        "kombu transport option key=value (repeatable); values parse as JSON where they "
+        "can, e.g. master_name=mymaster, global_keyprefix=app:.",
+        group=BROKER,
+        parse=_options,
+        metavar="KEY=VALUE",
+        repeat=True,
+    )
     broker_ssl_options: dict[str, Any] = option(
-        {}, "TLS option key=value for rediss:// and amqps:// (repeatable), e.g. "
+        {},
+        "TLS option key=value for rediss:// and amqps:// (repeatable), e.g. "
         "ca_certs=/etc/ssl/ca.pem, certfile=..., keyfile=..., cert_reqs=CERT_REQUIRED.",
-        group=BROKER, parse=_options, metavar="KEY=VALUE", repeat=True)
+        group=BROKER,
+        parse=_options,
+        metavar="KEY=VALUE",
+        repeat=True,
+    )
     events_exchange: str = option(
-        "celeryev", "Exchange the workers publish events to (Celery's event_exchange).",
-        group=EVENTS, metavar="NAME")
+        "celeryev",
+        "Exchange the workers publish events to (Celery's event_exchange).",
+        group=EVENTS,
+        metavar="NAME",
+    )
     event_queue_ttl: float = option(
-        5.0, "AMQP: seconds an event may wait in the receiving queue (x-message-ttl).",
-        group=EVENTS, parse=_number(0.001), metavar="SECONDS")
+        5.0,
+        "AMQP: seconds an event may wait in the receiving queue (x-message-ttl).",
+        group=EVENTS,
+        parse=_number(0.001),
+        metavar="SECONDS",
+    )
     event_queue_expires: float = option(
-        60.0, "AMQP: seconds the receiving queue outlives a lost connection (x-expires).",
-        group=EVENTS, parse=_number(1.0), metavar="SECONDS")
+        60.0,
+        "AMQP: seconds the receiving queue outlives a lost connection (x-expires).",
+        group=EVENTS,
+        parse=_number(1.0),
+        metavar="SECONDS",
+    )
     enable_events: bool = option(
-        False, "Broadcast Celery's enable_events control command, so workers started without "
-        "-E send task events.", group=EVENTS, parse=_boolean)
+        False,
+        "Broadcast Celery's enable_events control command, so workers started without "
+        "-E send task events.",
+        group=EVENTS,
+        parse=_boolean,
+    )
     enable_events_interval: float = option(
-        30.0, "Seconds between enable_events broadcasts (workers that start later get it too).",
-        group=EVENTS, parse=_number(0.1), metavar="SECONDS")
+        30.0,
+        "Seconds between enable_events broadcasts (workers that start later get it too).",
+        group=EVENTS,
+        parse=_number(0.1),
+        metavar="SECONDS",
+    )
     max_tracked_tasks: int = option(
-        100_000, "In-flight tasks to remember; the least recently seen are evicted past it.",
-        group=TASKS, parse=_integer(1), metavar="N")
+        100_000,
+        "In-flight tasks to remember; the least recently seen are evicted past it.",
+        group=TASKS,
+        parse=_integer(1),
+        metavar="N",
+    )
     default_queue: str = option(
-        "celery", "Queue label for tasks whose queue was never seen in a task-sent event.",
-        group=TASKS, metavar="NAME")
+        "celery",
+        "Queue label for tasks whose queue was never seen in a task-sent event.",
+        group=TASKS,
+        metavar="NAME",
+    )
     worker_timeout: float = option(
-        30.0, "Seconds without a heartbeat before a worker counts as down.",
-        group=WORKERS, parse=_number(1.0), metavar="SECONDS")
+        30.0,
+        "Seconds without a heartbeat before a worker counts as down.",
+        group=WORKERS,
+        parse=_number(1.0),
+        metavar="SECONDS",
+    )
     purge_offline_after: float = option(
-        600.0, "Seconds without a heartbeat before all of a worker's series are removed.",
-        group=WORKERS, parse=_number(1.0), metavar="SECONDS")
+        600.0,
+        "Seconds without a heartbeat before all of a worker's series are removed.",
+        group=WORKERS,
+        parse=_number(1.0),
+        metavar="SECONDS",
+    )
     queues: tuple[str, ...] = option(
-        (), "Queues whose length to probe, comma-separated; queues named by task-sent events "
-        "and the default queue are probed too.", group=QUEUES, parse=_text_list,
-        metavar="A,B,...")
+        (),
+        "Queues whose length to probe, comma-separated; queues named by task-sent events "
+        "and the default queue are probed too.",
+        group=QUEUES,
+        parse=_text_list,
+        metavar="A,B,...",
+    )
     queue_poll_interval: float = option(
-        15.0, "Seconds between queue length probes.", group=QUEUES, parse=_number(0.1),
-        metavar="SECONDS")
+        15.0,
+        "Seconds between queue length probes.",
+        group=QUEUES,
+        parse=_number(0.1),
+        metavar="SECONDS",
+    )
     queue_probe_timeout: float = option(
-        5.0, "Seconds one queue probe may take before it counts as failed.", group=QUEUES,
-        parse=_number(0.1), metavar="SECONDS")
+        5.0,
+        "Seconds one queue probe may take before it counts as failed.",
+        group=QUEUES,
+        parse=_number(0.1),
+        metavar="SECONDS",
+    )
     runtime_buckets: tuple[float, ...] = option(
-        DEFAULT_RUNTIME_BUCKETS, "Bucket bounds (seconds) of celery_task_runtime_seconds.",
-        group=METRICS, parse=_buckets, metavar="S,S,...")
+        DEFAULT_RUNTIME_BUCKETS,
+        "Bucket bounds (seconds) of celery_task_runtime_seconds.",
+        group=METRICS,
+        parse=_buckets,
+        metavar="S,S,...",
+    )
     wait_buckets: tuple[float, ...] = option(
-        DEFAULT_WAIT_BUCKETS, "Bucket bounds (seconds) of the queue and prefetch wait "
-        "histograms.", group=METRICS, parse=_buckets, metavar="S,S,...")
+        DEFAULT_WAIT_BUCKETS,
+        "Bucket bounds (seconds) of the queue and prefetch wait histograms.",
+        group=METRICS,
+        parse=_buckets,
+        metavar="S,S,...",
+    )
     static_labels: dict[str, str] = option(
-        {}, "Constant label key=value added to every series (repeatable).",
-        group=METRICS, parse=_labels, metavar="KEY=VALUE", repeat=True)
+        {},
+        "Constant label key=value added to every series (repeatable).",
+        group=METRICS,
+        parse=_labels,
+        metavar="KEY=VALUE",
+        repeat=True,
+    )
     max_label_values: int = option(
-        1000, "Distinct values per label (task name, hostname, queue, exception) before new "
-        "ones are exported as 'other'.", group=METRICS, parse=_integer(1), metavar="N")
+        1000,
+        "Distinct values per label (task name, hostname, queue, exception) before new "
+        "ones are exported as 'other'.",
+        group=METRICS,
+        parse=_integer(1),
+        metavar="N",
+    )
     host: str = option("0.0.0.0", "Address to serve HTTP on.", group=HTTP, metavar="ADDRESS")
-    port: int = option(9808, "Port to serve HTTP on (0: any free port).", group=HTTP,
-                       parse=_integer(0, 65535),
-                       metavar="PORT")
+    port: int = option(
+        9808,
+        "Port to serve HTTP on (0: any free port).",
+        group=HTTP,
+        parse=_integer(0, 65535),
+        metavar="PORT",
+    )
     web_config_file: str = option(
-        "", "Prometheus exporter-toolkit web config (YAML): TLS, client certificates and basic "
-        "auth users; re-read when it changes.", group=HTTP, parse=_web_config_file,
-        metavar="FILE")
+        "",
+        "Prometheus exporter-toolkit web config (YAML): TLS, client certificates and basic "
+        "auth users; re-read when it changes.",
+        group=HTTP,
+        parse=_web_config_file,
+        metavar="FILE",
+    )
     otlp_traces: bool = option(
-        False, "Export one OpenTelemetry span per task over OTLP, configured by the standard "
-        "OTEL_EXPORTER_OTLP_* variables (needs the 'tracing' extra).", group=TRACING,
-        parse=_boolean)
+        False,
+        "Export one OpenTelemetry span per task over OTLP, configured by the standard "
+        "OTEL_EXPORTER_OTLP_* variables (needs the 'tracing' extra).",
+        group=TRACING,
+        parse=_boolean,
+    )
     trace_sample_ratio: float = option(
-        1.0, "Share of workflows traced, chosen by root task id so a workflow is kept or "
-        "dropped whole.", group=TRACING, parse=_number(0.0, 1.0), metavar="RATIO")
-    log_level: str = option("info", "Log level.", group=LOGS,
-                            parse=_choice("debug", "info", "warning", "error"), metavar="LEVEL")
-    log_format: str = option("text", "Log format: text, or json (one object per line).",
-                             group=LOGS, parse=_choice("text", "json"), metavar="FORMAT")
-    demo: bool = option(False, "Run a demo cluster (a real Celery worker on a temporary "
-                        "filesystem broker, and a client sending tasks) and export it.",
-                        group=RUN, parse=_boolean)
+        1.0,
+        "Share of workflows traced, chosen by root task id so a workflow is kept or dropped whole.",
+        group=TRACING,
+        parse=_number(0.0, 1.0),
+        metavar="RATIO",
+    )
+    log_level: str = option(
+        "info",
+        "Log level.",
+        group=LOGS,
+        parse=_choice("debug", "info", "warning", "error"),
+        metavar="LEVEL",
+    )
+    log_format: str = option(
+        "text",
+        "Log format: text, or json (one object per line).",
+        group=LOGS,
+        parse=_choice("text", "json"),
+        metavar="FORMAT",
+    )
+    demo: bool = option(
+        False,
+        "Run a demo cluster (a real Celery worker on a temporary "
+        "filesystem broker, and a client sending tasks) and export it.",
+        group=RUN,
+        parse=_boolean,
+    )
 
     @classmethod
     def options(cls) -> tuple[dataclasses.Field, ...]:
@@ -314,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--config", metavar="FILE",
-                        help=f"YAML file of options (also {ENV_PREFIX}CONFIG).")
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"YAML file of options (also {ENV_PREFIX}CONFIG)."
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for spec in Config.options():
         meta = spec.metadata
@@ -327,12 +435,20 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = meta["help"] + (f" [default: {shown}]" if shown not in ("", {}) else "")
         help_text = help_text.replace("%", "%%")
         if meta["parse"] is _boolean:
-            group.add_argument(flag_name(spec.name), dest=spec.name, help=help_text,
-                               action=argparse.BooleanOptionalAction)
+            group.add_argument(
+                flag_name(spec.name),
+                dest=spec.name,
+                help=help_text,
+                action=argparse.BooleanOptionalAction,
+            )
         else:
-            group.add_argument(flag_name(spec.name), dest=spec.name, help=help_text,
-                               metavar=meta["metavar"],
-                               action="append" if meta["repeat"] else "store")
+            group.add_argument(
+                flag_name(spec.name),
+                dest=spec.name,
+                help=help_text,
+                metavar=meta["metavar"],
+                action="append" if meta["repeat"] else "store",
+            )
     return parser
 
 
@@ -346,7 +462,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     for variable, value in environ.items():
         if not variable.startswith(ENV_PREFIX):
             continue
-        name = variable[len(ENV_PREFIX):].lower()
+        name = variable[len(ENV_PREFIX) :].lower()
         if name != "config" and name not in known:
             raise ConfigError(f"unknown environment variable {variable}{_suggest(name, known)}")
         env[name] = value
@@ -365,8 +481,10 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 break
     config = Config(**values)
     if not config.broker_url and not config.demo:
-        raise ConfigError(f"broker_url: required: set {flag_name('broker_url')}, "
-                          f"{env_name('broker_url')} or broker_url in --config (or use --demo)")
+        raise ConfigError(
+            f"broker_url: required: set {flag_name('broker_url')}, "
+            f"{env_name('broker_url')} or broker_url in --config (or use --demo)"
+        )
     return config
 
 

@@ -48,8 +48,12 @@ class EventsEnabler(Periodic):
         except Exception as exc:
             if not self._failing:
                 self._failing = True
-                log.warning("could not broadcast enable_events: %s: %s; retrying every %g s",
-                            type(exc).__name__, exc, self.interval)
+                log.warning(
+                    "could not broadcast enable_events: %s: %s; retrying every %g s",
+                    type(exc).__name__,
+                    exc,
+                    self.interval,
+                )
             return
         if self._failing:
             self._failing = False

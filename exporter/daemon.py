@@ -46,24 +46,30 @@ class Daemon:
 
     @classmethod
     def build(cls, config: Config) -> Daemon:
-        metrics = Metrics(runtime_buckets=config.runtime_buckets,
-                          wait_buckets=config.wait_buckets,
-                          static_labels=config.static_labels)
+        metrics = Metrics(
+            runtime_buckets=config.runtime_buckets,
+            wait_buckets=config.wait_buckets,
+            static_labels=config.static_labels,
+        )
         metrics.gauge("celery_exporter_build_info").set((__version__,), 1)
         for reason in (*REASONS, UNPROCESSABLE):
             metrics.counter("celery_exporter_events_invalid_total").inc((reason,), 0)
         registry = Registry()
         registry.register(metrics)
         health = Health(metrics, config.masked_broker_url())
-        tracker = Tracker(metrics, max_tracked_tasks=config.max_tracked_tasks,
-                          default_queue=config.default_queue,
-                          worker_timeout=config.worker_timeout,
-                          purge_offline_after=config.purge_offline_after,
-                          max_label_values=config.max_label_values,
-                          spans=_spans(config))
+        tracker = Tracker(
+            metrics,
+            max_tracked_tasks=config.max_tracked_tasks,
+            default_queue=config.default_queue,
+            worker_timeout=config.worker_timeout,
+            purge_offline_after=config.purge_offline_after,
+            max_label_values=config.max_label_values,
+            spans=_spans(config),
+        )
         pipeline = Pipeline(tracker, health, metrics)
-        receiver_class = (redis_pubsub.RedisReceiver if redis_pubsub.handles(config.broker_url)
-                          else KombuReceiver)
+        receiver_class = (
+            redis_pubsub.RedisReceiver if redis_pubsub.handles(config.broker_url) else KombuReceiver
+        )
         receiver = receiver_class(config, pipeline, health)
         background: tuple[Periodic, ...] = (QueuePoller(config, metrics, tracker.queues_seen),)
         if config.enable_events:
@@ -85,21 +91,30 @@ class Daemon:
         health = self.health
         workers = tuple(
             WorkerStatus(w.hostname, w.up, w.last_seen, w.info[1])
-            for w in sorted(list(self.tracker.workers.workers.values()),
-                            key=lambda w: w.hostname)
+            for w in sorted(list(self.tracker.workers.workers.values()), key=lambda w: w.hostname)
         )
-        return Status(broker=health.broker, connected=health.connected, alive=health.alive(),
-                      last_error=health.last_error, started_at=health.started_at,
-                      events_received=health.events_received,
-                      last_event_at=health.last_event_at, workers=workers)
+        return Status(
+            broker=health.broker,
+            connected=health.connected,
+            alive=health.alive(),
+            last_error=health.last_error,
+            started_at=health.started_at,
+            events_received=health.events_received,
+            last_event_at=health.last_event_at,
+            workers=workers,
+        )
 
     def serve(self) -> ExporterServer:
         path = self.config.web_config_file
         security = WebSecurity(path) if path else None
         server = serve(self.config.host, self.config.port, self.registry, self.status, security)
         scheme = "https" if security and security.current().ssl_context else "http"
-        log.info("serving metrics on %s://%s:%d/metrics", scheme, self.config.host,
-                 server.server_address[1])
+        log.info(
+            "serving metrics on %s://%s:%d/metrics",
+            scheme,
+            self.config.host,
+            server.server_address[1],
+        )
         return server
 
     def run(self) -> None:

@@ -89,8 +89,10 @@ _INF = float("inf")
 # slicing; anything else goes through the JSON parser. pybase64 decodes with SIMD, several
 # times faster than binascii on the kilobytes of a batch.
 _KOMBU_BODY = b'{"body": "'
-_KOMBU_AFTER_BODY = re.compile(rb'", "content-encoding": "[^"\\]*", '
-                               rb'"content-type": "([^"\\]*)", "headers": \{')
+_KOMBU_AFTER_BODY = re.compile(
+    rb'", "content-encoding": "[^"\\]*", '
+    rb'"content-type": "([^"\\]*)", "headers": \{'
+)
 _KOMBU_BASE64 = b'"body_encoding": "base64"'
 
 
@@ -103,7 +105,7 @@ def unwrap_redis_envelope(data: bytes) -> tuple[bytes, str]:
         kombu = _KOMBU_AFTER_BODY.match(data, end)
         if kombu and data.rfind(_KOMBU_BASE64, kombu.end()) > 0:
             try:
-                body = pybase64.b64decode(data[len(_KOMBU_BODY):end], validate=True)
+                body = pybase64.b64decode(data[len(_KOMBU_BODY) : end], validate=True)
             except binascii.Error as exc:
                 raise InvalidMessage(MALFORMED, str(exc)) from None
             return body, kombu[1].decode()

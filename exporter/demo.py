@@ -44,8 +44,9 @@ class AtomicChannel(filesystem.Channel):
     this one writes it under another name and renames it into the queue."""
 
     def _put(self, queue: str, payload: object, **kwargs: object) -> None:
-        path = Path(self.data_folder_out, f"{int(time.monotonic() * 1000)}_{uuid.uuid4()}"
-                                          f".{queue}.msg")
+        path = Path(
+            self.data_folder_out, f"{int(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        )
         partial = path.with_suffix(".partial")
         partial.write_text(dumps(payload))
         partial.replace(path)
@@ -142,11 +143,31 @@ def start_worker(folder: str) -> subprocess.Popen[bytes]:
     """The worker logs to a file: the demo's failures are on purpose, not news."""
     with open(Path(folder, "worker.log"), "wb") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "exporter.demo", "worker", "-E",
-             "--pool", "prefork", "--concurrency", "2", "-Q", ",".join(QUEUES),
-             "-n", "demo@%h", "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "exporter.demo",
+                "worker",
+                "-E",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "2",
+                "-Q",
+                ",".join(QUEUES),
+                "-n",
+                "demo@%h",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel",
+                "INFO",
+            ],
             env={**os.environ, FOLDER_ENV: folder},
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -174,8 +195,11 @@ def run(config: Config) -> int:
     stop = threading.Event()
     client = threading.Thread(target=send_tasks, args=(make_app(folder), stop), daemon=True)
     client.start()
-    log.info("demo cluster in %s (worker log: worker.log); open http://localhost:%d/",
-             folder, config.port)
+    log.info(
+        "demo cluster in %s (worker log: worker.log); open http://localhost:%d/",
+        folder,
+        config.port,
+    )
     try:
         Daemon.build(demo_config).run()
     finally:

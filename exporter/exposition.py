@@ -35,16 +35,16 @@ class TextWriter:
             # Copy first: the event thread may add series while we render.
             items = list(family.values.items())
             known = self._labels.get(spec.name, {})
-            labels = {key: known.get(key) or _label_text(spec.labels, key, extra,
-                                                         spec.kind == HISTOGRAM)
-                      for key, _ in items}
+            labels = {
+                key: known.get(key) or _label_text(spec.labels, key, extra, spec.kind == HISTOGRAM)
+                for key, _ in items
+            }
             self._labels[spec.name] = labels  # series gone since the last scrape drop out
             if isinstance(family, Histogram):
                 _histogram_lines(out, family, items, labels)
             else:
                 name = spec.name
-                out.extend(f"{name}{labels[key][0]} {_value(value)}\n"
-                           for key, value in items)
+                out.extend(f"{name}{labels[key][0]} {_value(value)}\n" for key, value in items)
         return "".join(out).encode()
 
 
@@ -57,14 +57,17 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def _label_text(names: tuple[str, ...], values: LabelValues, extra: tuple[tuple[str, str], ...],
-                histogram: bool) -> tuple[str, str, str]:
+def _label_text(
+    names: tuple[str, ...], values: LabelValues, extra: tuple[tuple[str, str], ...], histogram: bool
+) -> tuple[str, str, str]:
     """``{a="x",b="y"}`` for a series, labels sorted by name as prometheus_client writes them.
 
     For histograms also the text before and after where ``le`` sorts in.
     """
-    pairs = [f'{name}="{_escape(value)}"'
-             for name, value in sorted([*zip(names, values, strict=True), *extra])]
+    pairs = [
+        f'{name}="{_escape(value)}"'
+        for name, value in sorted([*zip(names, values, strict=True), *extra])
+    ]
     plain = f"{{{','.join(pairs)}}}" if pairs else ""
     if not histogram:
         return plain, "", ""
@@ -75,17 +78,23 @@ def _label_text(names: tuple[str, ...], values: LabelValues, extra: tuple[tuple[
     return plain, before, after
 
 
-def _histogram_lines(out: list[str], family: Histogram,
-                     items: list[tuple[LabelValues, list[float]]],
-                     labels: dict[LabelValues, tuple[str, str, str]]) -> None:
+def _histogram_lines(
+    out: list[str],
+    family: Histogram,
+    items: list[tuple[LabelValues, list[float]]],
+    labels: dict[LabelValues, tuple[str, str, str]],
+) -> None:
     name = family.spec.name
     for key, series in items:
         buckets, total = family.buckets(series)
         plain, before, after = labels[key]
-        out.extend(f'{name}_bucket{{{before}le="{edge}"{after}}} {_value(cumulative)}\n'
-                   for edge, cumulative in buckets)
-        out.append(f"{name}_count{plain} {_value(buckets[-1][1])}\n"
-                   f"{name}_sum{plain} {_value(total)}\n")
+        out.extend(
+            f'{name}_bucket{{{before}le="{edge}"{after}}} {_value(cumulative)}\n'
+            for edge, cumulative in buckets
+        )
+        out.append(
+            f"{name}_count{plain} {_value(buckets[-1][1])}\n{name}_sum{plain} {_value(total)}\n"
+        )
 
 
 class Registry(CollectorRegistry):
@@ -114,5 +123,6 @@ class Registry(CollectorRegistry):
 
     def text(self) -> bytes:
         """Everything registered, in the Prometheus text format (0.0.4)."""
-        return b"".join([*(w.text() for w in list(self._writers.values())),
-                         generate_latest(self._others)])
+        return b"".join(
+            [*(w.text() for w in list(self._writers.values())), generate_latest(self._others)]
+        )

@@ -38,4 +38,3 @@ def setup(level: str, fmt: str) -> None:
     # kombu and redis-py log connection details at INFO; ours say it better.
     for noisy in ("kombu", "amqp", "redis"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-

@@ -258,8 +258,7 @@ class Metrics(Collector):
             if isinstance(family, Gauge):
                 metric: Metric = GaugeMetricFamily(spec.name, spec.help, labels=labels)
             else:
-                metric = CounterMetricFamily(spec.name[: -len("_total")], spec.help,
-                                             labels=labels)
+                metric = CounterMetricFamily(spec.name[: -len("_total")], spec.help, labels=labels)
             for key, value in items:
                 metric.add_metric(key + extra_values, value)
             yield metric

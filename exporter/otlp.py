@@ -113,12 +113,16 @@ class Span(Protocol):
 class Encoder:
     """``ExportTraceServiceRequest`` bodies for spans of one resource and scope."""
 
-    def __init__(self, resource: Mapping[str, Any], scope_name: str,
-                 scope_version: str | None) -> None:
+    def __init__(
+        self, resource: Mapping[str, Any], scope_name: str, scope_version: str | None
+    ) -> None:
         self._resource = _field(RESOURCE_SPANS_RESOURCE, _attributes(RESOURCE_ATTRIBUTES, resource))
         self._shared: dict[Hashable, bytes] = {}
-        self._scope = _field(SCOPE_SPANS_SCOPE, _field(SCOPE_NAME, scope_name.encode()) + (
-            _field(SCOPE_VERSION, scope_version.encode()) if scope_version else b""))
+        self._scope = _field(
+            SCOPE_SPANS_SCOPE,
+            _field(SCOPE_NAME, scope_name.encode())
+            + (_field(SCOPE_VERSION, scope_version.encode()) if scope_version else b""),
+        )
 
     def encode(self, spans: Iterable[Span]) -> bytes:
         """The request, joined once: a batch is megabytes, and each copy of it counts."""
@@ -129,24 +133,29 @@ class Encoder:
         scope_spans = sum(map(len, parts))
         head = RESOURCE_SPANS_SCOPE_SPANS + _varint(scope_spans)
         resource_spans = len(self._resource) + len(head) + scope_spans
-        return b"".join([REQUEST_RESOURCE_SPANS, _varint(resource_spans), self._resource, head,
-                         *parts])
-
+        return b"".join(
+            [REQUEST_RESOURCE_SPANS, _varint(resource_spans), self._resource, head, *parts]
+        )
 
     def _span(self, span: Span) -> bytes:
         parts = [_ID16, span.trace_id.to_bytes(16, "big"), _ID8, span.span_id.to_bytes(8, "big")]
         if span.parent_span_id:
             parts += (_PARENT8, span.parent_span_id.to_bytes(8, "big"))
-        parts += (_name_and_kind(span.name), SPAN_START_TIME, _QUAD.pack(span.start),
-                  SPAN_END_TIME, _QUAD.pack(span.end))
+        parts += (
+            _name_and_kind(span.name),
+            SPAN_START_TIME,
+            _QUAD.pack(span.start),
+            SPAN_END_TIME,
+            _QUAD.pack(span.end),
+        )
         shared = span.shared_key()
         encoded = self._shared.get(shared)
         if encoded is None:
             if len(self._shared) >= SHARED_CACHE_SIZE:
                 self._shared.clear()
             encoded = self._shared[shared] = b"".join(
-                [_key_value(SPAN_ATTRIBUTES, key, value)
-                 for key, value in span.shared_attributes()])
+                [_key_value(SPAN_ATTRIBUTES, key, value) for key, value in span.shared_attributes()]
+            )
         parts.append(encoded)
         parts += [_key_value(SPAN_ATTRIBUTES, key, value) for key, value in span.own_attributes()]
         for time, name, attributes in span.events():
@@ -167,15 +176,19 @@ def _event(name: str, attributes: Attributes) -> tuple[bytes, bytes]:
     """A span event but its 8 bytes of time, before and after them: one per event
     name and worker, mostly."""
     tail = _field(EVENT_NAME, name.encode()) + b"".join(
-        _key_value(EVENT_ATTRIBUTES, key, value) for key, value in attributes)
+        _key_value(EVENT_ATTRIBUTES, key, value) for key, value in attributes
+    )
     return SPAN_EVENTS + _varint(1 + 8 + len(tail)) + EVENT_TIME, tail
 
 
 @lru_cache(maxsize=256)
 def _status(code: int, description: str) -> bytes:
     message = description.encode()
-    return _field(SPAN_STATUS, (_field(STATUS_MESSAGE, message) if message else b"")
-                  + (STATUS_CODE + _varint(code) if code else b""))
+    return _field(
+        SPAN_STATUS,
+        (_field(STATUS_MESSAGE, message) if message else b"")
+        + (STATUS_CODE + _varint(code) if code else b""),
+    )
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
@@ -233,21 +246,28 @@ class HttpSender:
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         def setting(name: str) -> str:
-            return (environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}")
-                    or environ.get(f"OTEL_EXPORTER_OTLP_{name}") or "").strip()
+            return (
+                environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}")
+                or environ.get(f"OTEL_EXPORTER_OTLP_{name}")
+                or ""
+            ).strip()
 
         base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-        self.endpoint = (environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-                         or (base.rstrip("/") + "/v1/traces" if base else DEFAULT_ENDPOINT))
+        self.endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip() or (
+            base.rstrip("/") + "/v1/traces" if base else DEFAULT_ENDPOINT
+        )
         url = urlsplit(self.endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"the OTLP endpoint must be an http:// or https:// URL, got "
-                             f"{self.endpoint!r}")
+            raise ValueError(
+                f"the OTLP endpoint must be an http:// or https:// URL, got {self.endpoint!r}"
+            )
         self._host, self._port = url.hostname, url.port
         self._path = url.path + (f"?{url.query}" if url.query else "") or "/"
         self._connection: http.client.HTTPConnection | None = None
-        self.headers = {"Content-Type": "application/x-protobuf", **parse_headers(
-            setting("HEADERS"))}
+        self.headers = {
+            "Content-Type": "application/x-protobuf",
+            **parse_headers(setting("HEADERS")),
+        }
         self.gzip = setting("COMPRESSION").lower() == "gzip"
         if self.gzip:
             self.headers["Content-Encoding"] = "gzip"
@@ -256,8 +276,9 @@ class HttpSender:
         if self.endpoint.startswith("https:"):
             self.context = ssl.create_default_context(cafile=setting("CERTIFICATE") or None)
             if setting("CLIENT_CERTIFICATE"):
-                self.context.load_cert_chain(setting("CLIENT_CERTIFICATE"),
-                                             setting("CLIENT_KEY") or None)
+                self.context.load_cert_chain(
+                    setting("CLIENT_CERTIFICATE"), setting("CLIENT_KEY") or None
+                )
 
     def send(self, body: bytes) -> None:
         """Deliver one request body; ``ExportError`` saying why when the collector refuses it.
@@ -281,10 +302,12 @@ class HttpSender:
     def _post(self, data: bytes) -> tuple[int, str]:
         if self._connection is None:
             self._connection = (
-                http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
-                                            context=self.context)
-                if self.context else
-                http.client.HTTPConnection(self._host, self._port, timeout=self.timeout))
+                http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self.timeout, context=self.context
+                )
+                if self.context
+                else http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            )
         self._connection.request("POST", self._path, data, self.headers)
         response = self._connection.getresponse()
         response.read()

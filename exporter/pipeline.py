@@ -80,6 +80,9 @@ class Pipeline:
         now = time.monotonic()
         if now - self._logged_at.get(reason, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
             self._logged_at[reason] = now
-            log.warning("dropped invalid event (%s): %s; more of these are only counted in "
-                        "celery_exporter_events_invalid_total for the next minute", reason,
-                        detail)
+            log.warning(
+                "dropped invalid event (%s): %s; more of these are only counted in "
+                "celery_exporter_events_invalid_total for the next minute",
+                reason,
+                detail,
+            )

@@ -52,9 +52,12 @@ class RedisProbe:
     def __init__(self, config: Config, timeout: float) -> None:
         self._transport_options = config.broker_transport_options
         # One attempt per probe: redis-py's own retries would multiply the timeout.
-        self._client = redis_pubsub.client_for(config, socket_timeout=timeout,
-                                               socket_connect_timeout=timeout,
-                                               retry=Retry(NoBackoff(), 0))
+        self._client = redis_pubsub.client_for(
+            config,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
 
     def measure(self, queue: str) -> tuple[int, int | None]:
         pipe = self._client.pipeline(transaction=False)
@@ -99,14 +102,16 @@ class QueuePoller(Periodic):
 
     name = "queue-poller"
 
-    def __init__(self, config: Config, metrics: Metrics,
-                 queues_seen: Callable[[], Iterable[str]]) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics, queues_seen: Callable[[], Iterable[str]]
+    ) -> None:
         # A probe in flight ends within its timeouts: connect, read, close.
         super().__init__(config.queue_poll_interval)
         self.config = config
         self._queues_seen = queues_seen
         self._new_probe: Callable[[Config, float], Probe] = (
-            RedisProbe if redis_pubsub.handles(config.broker_url) else KombuProbe)
+            RedisProbe if redis_pubsub.handles(config.broker_url) else KombuProbe
+        )
         self._probe: Probe | None = None
         self._failing: set[str] = set()
         self._length = metrics.gauge("celery_queue_length")
@@ -147,9 +152,13 @@ class QueuePoller(Periodic):
         self.close()  # start over with a fresh connection
         if queue not in self._failing:
             self._failing.add(queue)
-            log.warning("queue %s: probe failed: %s: %s; further failures are only counted in "
-                        "celery_exporter_queue_probe_errors_total until it succeeds", queue,
-                        type(exc).__name__, exc)
+            log.warning(
+                "queue %s: probe failed: %s: %s; further failures are only counted in "
+                "celery_exporter_queue_probe_errors_total until it succeeds",
+                queue,
+                type(exc).__name__,
+                exc,
+            )
 
     def close(self) -> None:
         probe, self._probe = self._probe, None

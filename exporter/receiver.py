@@ -32,12 +32,15 @@ POLL_SECONDS = 1.0
 
 
 # Transport options that bound every socket read and write, per kombu driver type.
-_TIMEOUT_OPTIONS = {"amqp": ("read_timeout", "write_timeout"),
-                    "redis": ("socket_timeout", "socket_connect_timeout")}
+_TIMEOUT_OPTIONS = {
+    "amqp": ("read_timeout", "write_timeout"),
+    "redis": ("socket_timeout", "socket_connect_timeout"),
+}
 
 
-def broker_connection(config: Config, *, timeout: float | None = None,
-                      heartbeat: float = 0) -> Connection:
+def broker_connection(
+    config: Config, *, timeout: float | None = None, heartbeat: float = 0
+) -> Connection:
     """A kombu connection with the configured transport and TLS options.
 
     With ``timeout``, reads and writes are bounded as well as the connect,
@@ -97,8 +100,9 @@ class Receiver:
                     delay = BACKOFF_FIRST
                 if self._outage_since is None:
                     self._outage_since = time.monotonic()
-                    log.warning("broker %s: %s; reconnecting with backoff",
-                                self.health.broker, error)
+                    log.warning(
+                        "broker %s: %s; reconnecting with backoff", self.health.broker, error
+                    )
                 else:
                     log.debug("broker still unreachable: %s", error)
                 self.health.on_connection_lost(error)
@@ -113,8 +117,11 @@ class Receiver:
         if self._outage_since is None:
             log.info("receiving events from %s", self.health.broker)
         else:
-            log.info("receiving events from %s again after %.1f s", self.health.broker,
-                     time.monotonic() - self._outage_since)
+            log.info(
+                "receiving events from %s again after %.1f s",
+                self.health.broker,
+                time.monotonic() - self._outage_since,
+            )
             self._outage_since = None
 
     def explain(self, exc: BaseException) -> str:
@@ -133,7 +140,9 @@ class KombuReceiver(Receiver):
         super().__init__(config, sink, health)
         probe = self._connection()
         self.connection_errors = (
-            OSError, *probe.connection_errors, *probe.channel_errors,
+            OSError,
+            *probe.connection_errors,
+            *probe.channel_errors,
         )
         self.is_amqp = probe.transport.driver_type == "amqp"
         # Celery publishes events to a fanout exchange on Redis, a topic one elsewhere.
@@ -148,17 +157,30 @@ class KombuReceiver(Receiver):
         if self.is_amqp:
             # Exclusive: RabbitMQ 4 refuses transient shared queues; TTL and
             # expiry keep a stalled exporter from filling the broker.
-            options = {"exclusive": True, "message_ttl": self.config.event_queue_ttl,
-                       "expires": self.config.event_queue_expires}
+            options = {
+                "exclusive": True,
+                "message_ttl": self.config.event_queue_ttl,
+                "expires": self.config.event_queue_expires,
+            }
         name = f"celeryev.{socket.gethostname()}.exporter.{uuid.uuid4().hex[:12]}"
-        return Queue(name, exchange=self.exchange, routing_key="#", auto_delete=True,
-                     durable=False, **options)
+        return Queue(
+            name,
+            exchange=self.exchange,
+            routing_key="#",
+            auto_delete=True,
+            durable=False,
+            **options,
+        )
 
     def consume(self) -> None:
         with self._connection() as connection:
             connection.connect()
-            consumer = Consumer(connection.default_channel, queues=[self._queue()],
-                                on_message=self._on_message, no_ack=True)
+            consumer = Consumer(
+                connection.default_channel,
+                queues=[self._queue()],
+                on_message=self._on_message,
+                no_ack=True,
+            )
             with consumer:
                 self.connected()
                 while not self.stopping.is_set():
@@ -170,9 +192,9 @@ class KombuReceiver(Receiver):
                     except ValueError as exc:
                         # kombu's own decoding failed (the filesystem transport can
                         # read a message file mid-write): that message is lost, not us.
-                        self.sink.on_unreadable("kombu could not decode a message "
-                                                f"({type(exc).__name__}: {exc})")
+                        self.sink.on_unreadable(
+                            f"kombu could not decode a message ({type(exc).__name__}: {exc})"
+                        )
 
     def _on_message(self, message: Message) -> None:
         self.sink.on_body(message.body, message.content_type, time.time())
-

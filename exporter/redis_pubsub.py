@@ -27,8 +27,11 @@ from .config import Config
 from .receiver import POLL_SECONDS, Receiver
 
 SCHEMES = ("redis", "rediss")
-_CERT_REQS = {"CERT_NONE": ssl.CERT_NONE, "CERT_OPTIONAL": ssl.CERT_OPTIONAL,
-              "CERT_REQUIRED": ssl.CERT_REQUIRED}
+_CERT_REQS = {
+    "CERT_NONE": ssl.CERT_NONE,
+    "CERT_OPTIONAL": ssl.CERT_OPTIONAL,
+    "CERT_REQUIRED": ssl.CERT_REQUIRED,
+}
 READ_BYTES = 1 << 14
 """One recv() takes up to this much of a backlog, dozens of events. Not more: hiredis
 moves its unread bytes forward after each reply, so a bigger feed costs more per reply."""
@@ -120,6 +123,8 @@ class RedisReceiver(Receiver):
     def explain(self, exc: BaseException) -> str:
         text = super().explain(exc)
         if self._receiving and "closed by server" in str(exc):
-            text += (" (Redis drops a subscriber whose output buffer passes "
-                     "client-output-buffer-limit pubsub: the exporter fell behind the events)")
+            text += (
+                " (Redis drops a subscriber whose output buffer passes "
+                "client-output-buffer-limit pubsub: the exporter fell behind the events)"
+            )
         return text

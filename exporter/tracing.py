@@ -49,7 +49,8 @@ try:
 except ImportError as exc:
     raise ConfigError(
         f"otlp_traces: needs the OpenTelemetry packages ({exc.name} is missing): "
-        "pip install 'celery-events-exporter[tracing]'") from None
+        "pip install 'celery-events-exporter[tracing]'"
+    ) from None
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,30 @@ class TaskTrace:
     retries, rare, go to ``history``. A span thus allocates nothing per event.
     """
 
-    __slots__ = ("end", "error", "first_started", "history", "hostname", "name", "outcome",
-                 "parent_id", "parent_span_id", "queue", "received", "received_by", "retried",
-                 "retries", "root_id", "span_id", "start", "started", "started_by", "status",
-                 "trace_id", "uuid")
+    __slots__ = (
+        "end",
+        "error",
+        "first_started",
+        "history",
+        "hostname",
+        "name",
+        "outcome",
+        "parent_id",
+        "parent_span_id",
+        "queue",
+        "received",
+        "received_by",
+        "retried",
+        "retries",
+        "root_id",
+        "span_id",
+        "start",
+        "started",
+        "started_by",
+        "status",
+        "trace_id",
+        "uuid",
+    )
     context = _Sampled
 
     def __init__(self, event: Event, root_id: str) -> None:
@@ -138,8 +159,10 @@ class TaskTrace:
         """Attributes of this task alone: its id and its times."""
         own: Attributes = (("messaging.message.id", self.uuid),)
         if self.first_started:
-            own += (("celery.queue_wait_seconds", max(0, self.first_started - self.start) / 1e9),
-                    ("celery.run_seconds", max(0, self.end - self.started) / 1e9))
+            own += (
+                ("celery.queue_wait_seconds", max(0, self.first_started - self.start) / 1e9),
+                ("celery.run_seconds", max(0, self.end - self.started) / 1e9),
+            )
         return own
 
     def events(self) -> list[SpanEventData]:
@@ -185,8 +208,12 @@ class Spans:
         """End the span where its last event was, marked incomplete, rather than leak it."""
         state = getattr(task, "trace", None)
         if state is not None:
-            end = max(state.received, state.started, state.start,
-                      *(event[0] for event in state.history or ()))
+            end = max(
+                state.received,
+                state.started,
+                state.start,
+                *(event[0] for event in state.history or ()),
+            )
             self._emit(task, state, end, (UNSET, ""), ("celery.incomplete", True))
 
     def close(self) -> None:
@@ -274,8 +301,14 @@ class Spans:
             state.hostname = event["hostname"]
             self._emit(task, state, _ns(event["timestamp"]), status, ("celery.state", state_name))
 
-    def _emit(self, task: Task, state: TaskTrace, end: int, status: tuple[int, str],
-              outcome: tuple[str, object]) -> None:
+    def _emit(
+        self,
+        task: Task,
+        state: TaskTrace,
+        end: int,
+        status: tuple[int, str],
+        outcome: tuple[str, object],
+    ) -> None:
         task.trace = None
         state.end = max(end, state.start)
         state.status, state.outcome = status, outcome
@@ -288,34 +321,48 @@ class Spans:
         self.processor.on_end(state)  # type: ignore[arg-type]  # see TaskTrace
 
 
-def readable_span(trace: TaskTrace, resource: Resource,
-                  scope: InstrumentationScope) -> ReadableSpan:
+def readable_span(
+    trace: TaskTrace, resource: Resource, scope: InstrumentationScope
+) -> ReadableSpan:
     """The SDK's form of a finished trace, for exporters other than ``otlp``'s."""
     context = SpanContext(trace.trace_id, trace.span_id, False, SAMPLED)
-    parent = (SpanContext(trace.trace_id, trace.parent_span_id, True, SAMPLED)
-              if trace.parent_span_id else None)
+    parent = (
+        SpanContext(trace.trace_id, trace.parent_span_id, True, SAMPLED)
+        if trace.parent_span_id
+        else None
+    )
     code, message = trace.status
     return ReadableSpan(
-        name=trace.name, context=context, parent=parent, resource=resource,
-        attributes=dict(trace.shared_attributes() + trace.own_attributes()), kind=SpanKind.CONSUMER,
-        events=[SpanEvent(name, dict(attributes), time)
-                for time, name, attributes in trace.events()],
-        status=Status(StatusCode(code), message or None), start_time=trace.start,
-        end_time=trace.end, instrumentation_scope=scope)
+        name=trace.name,
+        context=context,
+        parent=parent,
+        resource=resource,
+        attributes=dict(trace.shared_attributes() + trace.own_attributes()),
+        kind=SpanKind.CONSUMER,
+        events=[
+            SpanEvent(name, dict(attributes), time) for time, name, attributes in trace.events()
+        ],
+        status=Status(StatusCode(code), message or None),
+        start_time=trace.start,
+        end_time=trace.end,
+        instrumentation_scope=scope,
+    )
 
 
 class ReadableSpanExporter(SpanExporter):
     """Hands an SDK exporter (gRPC, or any other) SDK spans made from finished traces."""
 
-    def __init__(self, exporter: SpanExporter, resource: Resource,
-                 scope: InstrumentationScope) -> None:
+    def __init__(
+        self, exporter: SpanExporter, resource: Resource, scope: InstrumentationScope
+    ) -> None:
         self.exporter = exporter
         self.resource = resource
         self.scope = scope
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        return self.exporter.export([readable_span(trace, self.resource, self.scope)
-                                     for trace in spans])
+        return self.exporter.export(
+            [readable_span(trace, self.resource, self.scope) for trace in spans]
+        )
 
     def shutdown(self) -> None:
         self.exporter.shutdown()
@@ -324,8 +371,9 @@ class ReadableSpanExporter(SpanExporter):
 class HttpSpanExporter(SpanExporter):
     """OTLP/HTTP protobuf with ``otlp``'s encoder, many times cheaper than the SDK's."""
 
-    def __init__(self, sender: otlp.HttpSender, resource: Resource,
-                 scope: InstrumentationScope) -> None:
+    def __init__(
+        self, sender: otlp.HttpSender, resource: Resource, scope: InstrumentationScope
+    ) -> None:
         self.sender = sender
         self.encoder = otlp.Encoder(resource.attributes, scope.name, scope.version)
         self._warned_at = -WARN_EVERY_SECONDS
@@ -337,8 +385,11 @@ class HttpSpanExporter(SpanExporter):
             now = time.monotonic()
             if now - self._warned_at >= WARN_EVERY_SECONDS:
                 self._warned_at = now
-                log.warning("could not export %d spans: %s; further failures are not logged "
-                            "for a minute", len(spans), exc)
+                log.warning(
+                    "could not export %d spans: %s; further failures are not logged for a minute",
+                    len(spans),
+                    exc,
+                )
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
@@ -346,8 +397,10 @@ class HttpSpanExporter(SpanExporter):
         self.sender.close()
 
 
-BATCH_DEFAULTS = (("max_queue_size", "OTEL_BSP_MAX_QUEUE_SIZE", 16_384),
-                  ("max_export_batch_size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2_048))
+BATCH_DEFAULTS = (
+    ("max_queue_size", "OTEL_BSP_MAX_QUEUE_SIZE", 16_384),
+    ("max_export_batch_size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2_048),
+)
 """A quarter of a second of spans at 60,000 tasks a second, some 50 MB at most."""
 _QUEUE_FULL_LOGGER = "opentelemetry.sdk._shared_internal"
 
@@ -376,7 +429,8 @@ _QUEUE_FULL_ONCE_PER_MINUTE = _OncePerMinute()
 def origin() -> tuple[Resource, InstrumentationScope]:
     """The resource and instrumentation scope every span is exported with."""
     resource = Resource.create({SERVICE_NAME: DEFAULT_SERVICE_NAME}).merge(
-        OTELResourceDetector().detect())  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
+        OTELResourceDetector().detect()
+    )  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
     return resource, InstrumentationScope("celery-events-exporter", __version__)
 
 
@@ -386,22 +440,28 @@ def build(sample_ratio: float, environ: Mapping[str, str] | None = None) -> Span
     resource, scope = origin()
     # The SDK's defaults (a 2,048-span queue, 512 a request) suit one process's own
     # spans; here every task of the cluster ends a span, thousands a second.
-    sizes = {name: None if variable in environ else size
-             for name, variable, size in BATCH_DEFAULTS}
+    sizes = {name: None if variable in environ else size for name, variable, size in BATCH_DEFAULTS}
     logging.getLogger(_QUEUE_FULL_LOGGER).addFilter(_QUEUE_FULL_ONCE_PER_MINUTE)
     processor = BatchSpanProcessor(_span_exporter(environ, resource, scope), **sizes)
     return Spans(processor, sample_ratio)
 
 
-def _span_exporter(environ: Mapping[str, str], resource: Resource,
-                   scope: InstrumentationScope) -> SpanExporter:
-    variable = next((name for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-                                       "OTEL_EXPORTER_OTLP_PROTOCOL") if environ.get(name)),
-                    None)
+def _span_exporter(
+    environ: Mapping[str, str], resource: Resource, scope: InstrumentationScope
+) -> SpanExporter:
+    variable = next(
+        (
+            name
+            for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+            if environ.get(name)
+        ),
+        None,
+    )
     protocol = environ[variable].strip().lower() if variable else PROTOCOLS[0]
     if protocol not in PROTOCOLS:
-        raise ConfigError(f"otlp_traces: {variable}: expected one of {', '.join(PROTOCOLS)}, "
-                          f"got {protocol!r}")
+        raise ConfigError(
+            f"otlp_traces: {variable}: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}"
+        )
     if protocol == "grpc":
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
@@ -410,7 +470,8 @@ def _span_exporter(environ: Mapping[str, str], resource: Resource,
         except ImportError:
             raise ConfigError(
                 f"otlp_traces: {variable}=grpc needs opentelemetry-exporter-otlp-proto-grpc: "
-                "pip install opentelemetry-exporter-otlp-proto-grpc") from None
+                "pip install opentelemetry-exporter-otlp-proto-grpc"
+            ) from None
         return ReadableSpanExporter(GrpcSpanExporter(), resource, scope)
     try:
         sender = otlp.HttpSender(environ)
@@ -431,8 +492,10 @@ def _exception(event: Event) -> Attributes:
     type, message and, when the event has one, the stack trace."""
     text = event.get("exception")
     text = text if isinstance(text, str) else ""
-    attributes: Attributes = (("exception.type", exception_class(text)),
-                              ("exception.message", _exception_message(text)))
+    attributes: Attributes = (
+        ("exception.type", exception_class(text)),
+        ("exception.message", _exception_message(text)),
+    )
     traceback = event.get("traceback")
     if isinstance(traceback, str) and traceback:
         attributes += (("exception.stacktrace", traceback),)
@@ -467,8 +530,9 @@ def _uuid_value(text: str) -> int:
 
 
 def _trace_id(root_id: str) -> int:
-    return _uuid_value(root_id) or int.from_bytes(blake2b(root_id.encode(),
-                                                           digest_size=16).digest())
+    return _uuid_value(root_id) or int.from_bytes(
+        blake2b(root_id.encode(), digest_size=16).digest()
+    )
 
 
 def _span_id(task_id: str) -> int:
@@ -480,4 +544,3 @@ def _span_id(task_id: str) -> int:
 
 def _ns(timestamp: float) -> int:
     return int(timestamp * 1e9)
-

@@ -92,10 +92,12 @@ class Tracker:
         self._finished: OrderedDict[str, Task] = OrderedDict()
         self._held: dict[str, tuple[float, list[tuple[Event, float]]]] = {}
         self._sent_seen = False
-        self.workers = WorkerTracker(metrics, timeout=worker_timeout,
-                                     purge_after=purge_offline_after)
-        self.label = LabelLimiter(max_label_values,
-                                  metrics.counter("celery_exporter_label_values_folded_total"))
+        self.workers = WorkerTracker(
+            metrics, timeout=worker_timeout, purge_after=purge_offline_after
+        )
+        self.label = LabelLimiter(
+            max_label_values, metrics.counter("celery_exporter_label_values_folded_total")
+        )
         self._queue_by_name: dict[str, str] = {}
         self._prefetched: dict[str, int] = {}
         counter, histogram = metrics.counter, metrics.histogram

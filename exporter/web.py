@@ -75,10 +75,18 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         security = self.server.security
-        if (security and path not in OPEN_PATHS
-                and not security.current().authorized(self.headers.get("Authorization"))):
-            self._send(401, b"unauthorized\n", headers={
-                "WWW-Authenticate": 'Basic realm="celery-events-exporter", charset="UTF-8"'})
+        if (
+            security
+            and path not in OPEN_PATHS
+            and not security.current().authorized(self.headers.get("Authorization"))
+        ):
+            self._send(
+                401,
+                b"unauthorized\n",
+                headers={
+                    "WWW-Authenticate": 'Basic realm="celery-events-exporter", charset="UTF-8"'
+                },
+            )
         elif path == "/metrics":
             self._metrics()
         elif path == "/healthz":
@@ -86,8 +94,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200 if alive else 503, b"ok\n" if alive else b"receive loop stalled\n")
         elif path == "/readyz":
             connected = self.server.status().connected
-            self._send(200 if connected else 503,
-                       b"ok\n" if connected else b"not connected to the broker\n")
+            self._send(
+                200 if connected else 503,
+                b"ok\n" if connected else b"not connected to the broker\n",
+            )
         elif path == "/":
             page = landing_page(self.server.status(), time.time())
             self._send(200, page.encode(), "text/html; charset=utf-8")
@@ -102,13 +112,22 @@ class Handler(BaseHTTPRequestHandler):
         else:
             body = encoder(registry)
         if "gzip" in self.headers.get("Accept-Encoding", ""):
-            self._send(200, gzip.compress(body, compresslevel=1), content_type,
-                       {"Content-Encoding": "gzip"})
+            self._send(
+                200,
+                gzip.compress(body, compresslevel=1),
+                content_type,
+                {"Content-Encoding": "gzip"},
+            )
         else:
             self._send(200, body, content_type)
 
-    def _send(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        code: int,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -124,8 +143,13 @@ class Handler(BaseHTTPRequestHandler):
 class ExporterServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], registry: CollectorRegistry,
-                 status: Callable[[], Status], security: WebSecurity | None = None) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        status: Callable[[], Status],
+        security: WebSecurity | None = None,
+    ) -> None:
         super().__init__(address, Handler)
         self.registry = registry
         self.status = status
@@ -148,8 +172,13 @@ class ExporterServer(ThreadingHTTPServer):
         log.debug("connection from %s failed", client_address, exc_info=True)
 
 
-def serve(host: str, port: int, registry: CollectorRegistry,
-          status: Callable[[], Status], security: WebSecurity | None = None) -> ExporterServer:
+def serve(
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    status: Callable[[], Status],
+    security: WebSecurity | None = None,
+) -> ExporterServer:
     """Start serving in a background thread; ``shutdown()`` stops it."""
     server = ExporterServer((host, port), registry, status, security)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
@@ -163,20 +192,25 @@ def diagnosis(status: Status, now: float) -> str:
         return f"Not connected to the broker{error}. Retrying; check the broker URL and network."
     quiet_since = status.last_event_at or status.started_at
     if now - quiet_since > QUIET_SECONDS:
-        return ("Connected, but no events for a minute. Are the workers started with -E "
-                "(or worker_send_task_events = True)? Are they on this broker and vhost/db?")
+        return (
+            "Connected, but no events for a minute. Are the workers started with -E "
+            "(or worker_send_task_events = True)? Are they on this broker and vhost/db?"
+        )
     return ""
 
 
 def landing_page(status: Status, now: float) -> str:
     esc = html.escape
-    rows = "".join(
-        f"<tr><td>{esc(w.hostname)}</td><td>{'up' if w.up else 'down'}</td>"
-        f"<td>{now - w.last_heartbeat:.0f} s ago</td><td>{esc(w.version)}</td></tr>"
-        for w in status.workers
-    ) or '<tr><td colspan="4">No worker seen yet.</td></tr>'
+    rows = (
+        "".join(
+            f"<tr><td>{esc(w.hostname)}</td><td>{'up' if w.up else 'down'}</td>"
+            f"<td>{now - w.last_heartbeat:.0f} s ago</td><td>{esc(w.version)}</td></tr>"
+            for w in status.workers
+        )
+        or '<tr><td colspan="4">No worker seen yet.</td></tr>'
+    )
     problem = diagnosis(status, now)
-    last = (f"{now - status.last_event_at:.0f} s ago" if status.last_event_at else "never")
+    last = f"{now - status.last_event_at:.0f} s ago" if status.last_event_at else "never"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Celery events exporter</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 12px;text-align:left}}

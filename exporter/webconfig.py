@@ -124,8 +124,9 @@ def load(path: str) -> WebConfig:
     files = [path]
     context = None
     if data.get("tls_server_config") is not None:
-        context = _tls_context(_mapping(data["tls_server_config"], "tls_server_config"),
-                               base, files)
+        context = _tls_context(
+            _mapping(data["tls_server_config"], "tls_server_config"), base, files
+        )
     users = {}
     for user, hashed in _mapping(data.get("basic_auth_users"), "basic_auth_users").items():
         if not isinstance(user, str) or not user or ":" in user:
@@ -147,8 +148,9 @@ def _mapping(value: Any, where: str) -> dict[Any, Any]:
 def _tls_context(section: dict[Any, Any], base: str, files: list[str]) -> ssl.SSLContext:
     for key in section:
         if key not in TLS_KEYS:
-            raise WebConfigError(f"tls_server_config.{key}: unknown key "
-                                 f"(known: {', '.join(TLS_KEYS)})")
+            raise WebConfigError(
+                f"tls_server_config.{key}: unknown key (known: {', '.join(TLS_KEYS)})"
+            )
     paths = {}
     for key in ("cert_file", "key_file", "client_ca_file"):
         value = section.get(key)
@@ -167,22 +169,27 @@ def _tls_context(section: dict[Any, Any], base: str, files: list[str]) -> ssl.SS
         raise WebConfigError("tls_server_config.client_auth_type: required with client_ca_file")
     auth = auth or "NoClientCert"
     if auth not in CLIENT_AUTH:
-        raise WebConfigError(f"tls_server_config.client_auth_type: expected one of "
-                             f"{', '.join(CLIENT_AUTH)}, got {auth!r}")
+        raise WebConfigError(
+            f"tls_server_config.client_auth_type: expected one of "
+            f"{', '.join(CLIENT_AUTH)}, got {auth!r}"
+        )
     verify_mode, needs_ca = CLIENT_AUTH[auth]
     if needs_ca and "client_ca_file" not in paths:
         raise WebConfigError(f"tls_server_config.client_ca_file: required with {auth}")
     version = section.get("min_version") or "TLS12"
     if version not in TLS_VERSIONS:
-        raise WebConfigError(f"tls_server_config.min_version: expected one of "
-                             f"{', '.join(TLS_VERSIONS)}, got {version!r}")
+        raise WebConfigError(
+            f"tls_server_config.min_version: expected one of "
+            f"{', '.join(TLS_VERSIONS)}, got {version!r}"
+        )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = TLS_VERSIONS[version]
     try:
         context.load_cert_chain(paths["cert_file"], paths["key_file"])
     except (ssl.SSLError, OSError) as exc:
-        raise WebConfigError(f"tls_server_config.cert_file, key_file: cannot load the "
-                             f"certificate and its key: {exc}") from None
+        raise WebConfigError(
+            f"tls_server_config.cert_file, key_file: cannot load the certificate and its key: {exc}"
+        ) from None
     if "client_ca_file" in paths:
         try:
             context.load_verify_locations(paths["client_ca_file"])

@@ -95,7 +95,11 @@ class _Workers:
         self.started: list[CeleryWorker] = []
 
     def __call__(
-        self, broker_url: str, *, ready_timeout: float = READY_TIMEOUT, **options: Any,
+        self,
+        broker_url: str,
+        *,
+        ready_timeout: float = READY_TIMEOUT,
+        **options: Any,
     ) -> CeleryWorker:
         worker = CeleryWorker(broker_url, log_dir=self.log_dir, **options)
         self.started.append(worker)
@@ -110,8 +114,9 @@ class _Workers:
             except Exception as exc:  # stop the others all the same
                 errors.append(exc)
             # Captured output shows only when the test fails: then the log helps.
-            print(f"--- worker {worker.hostname} log tail ({worker.log_path}):\n"
-                  f"{worker.log_tail(30)}")
+            print(
+                f"--- worker {worker.hostname} log tail ({worker.log_path}):\n{worker.log_tail(30)}"
+            )
         if errors:
             raise errors[0]
 

@@ -77,8 +77,9 @@ def parse(text: str) -> dict[tuple[str, frozenset], float]:
 class ExporterProcess:
     """``python -m exporter`` as a child process."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
         from tests.servers import free_port
 
         self.port = port or free_port()
@@ -86,9 +87,19 @@ class ExporterProcess:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"exporter-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--host", "127.0.0.1", "--port", str(self.port),
-             *argv],
-            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self._log,
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *argv,
+            ],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self._log,
             stderr=subprocess.STDOUT,
         )
 

@@ -41,8 +41,10 @@ class OtlpEndpoint:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                if self.path != "/v1/traces" or \
-                        self.headers["Content-Type"] != "application/x-protobuf":
+                if (
+                    self.path != "/v1/traces"
+                    or self.headers["Content-Type"] != "application/x-protobuf"
+                ):
                     self.send_error(404 if self.path != "/v1/traces" else 415)
                     return
                 request = ExportTraceServiceRequest.FromString(body)

@@ -187,7 +187,9 @@ class GroupGuard:
         self.pgid = pgid
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             ["/bin/sh", "-c", self._SCRIPT, "cee-group-guard", str(pgid)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
 
@@ -206,7 +208,9 @@ class GroupGuard:
 
 
 def reap_group(
-    proc: subprocess.Popen[bytes], guard: GroupGuard | None, log: IO[bytes] | None = None,
+    proc: subprocess.Popen[bytes],
+    guard: GroupGuard | None,
+    log: IO[bytes] | None = None,
 ) -> int:
     """Kill what is left of ``proc``'s group (it leads its own), then free its guard and log.
 
@@ -283,8 +287,13 @@ class _ServerProcess:
     def _spawn(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap()
         self._proc = subprocess.Popen(
-            list(argv), cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            list(argv),
+            cwd=self.dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self._guard = GroupGuard(self._proc.pid)
 
@@ -342,8 +351,9 @@ class RedisServer(_ServerProcess):
 
     name = "redis-server"
 
-    def __init__(self, port: int | None = None, *, start: bool = True,
-                 startup_timeout: float = 15.0) -> None:
+    def __init__(
+        self, port: int | None = None, *, start: bool = True, startup_timeout: float = 15.0
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -379,11 +389,25 @@ class RedisServer(_ServerProcess):
         """Start (or restart) the server on its port and wait until it answers PING."""
         if self.running:
             return
-        self._spawn([
-            self.binary, "--port", str(self._port), "--bind", HOST,
-            "--save", "", "--appendonly", "no", "--dir", str(self.dir),
-            "--daemonize", "no", "--logfile", "",
-        ])
+        self._spawn(
+            [
+                self.binary,
+                "--port",
+                str(self._port),
+                "--bind",
+                HOST,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--daemonize",
+                "no",
+                "--logfile",
+                "",
+            ]
+        )
         deadline = time.monotonic() + self.startup_timeout
         while not self._ping():
             if self._died() or time.monotonic() > deadline:
@@ -428,8 +452,9 @@ class RabbitMQServer(_ServerProcess):
 
     name = "rabbitmq-server"
 
-    def __init__(self, port: int | None = None, *, start: bool = True,
-                 startup_timeout: float = 60.0) -> None:
+    def __init__(
+        self, port: int | None = None, *, start: bool = True, startup_timeout: float = 60.0
+    ) -> None:
         if not os.access(_RABBITMQ_SERVER, os.X_OK) or shutil.which("erl") is None:
             raise RuntimeError(
                 f"{_RABBITMQ_SERVER} not found: install Debian's rabbitmq-server package "
@@ -462,30 +487,37 @@ class RabbitMQServer(_ServerProcess):
         return self.dir / "log" / f"{self.nodename}.log"
 
     def log_tail(self, lines: int = 40) -> str:
-        return (f"--- {self.log_path.name}:\n{_tail(self.log_path, lines)}\n"
-                f"--- {self.node_log_path.name}:\n{_tail(self.node_log_path, lines)}")
+        return (
+            f"--- {self.log_path.name}:\n{_tail(self.log_path, lines)}\n"
+            f"--- {self.node_log_path.name}:\n{_tail(self.node_log_path, lines)}"
+        )
 
     def env(self) -> dict[str, str]:
         """The environment for rabbitmq-server and rabbitmqctl on this node."""
-        env = {key: value for key, value in os.environ.items()
-               if not key.startswith(("RABBITMQ_", "ERL_"))}
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("RABBITMQ_", "ERL_"))
+        }
         base = self.dir
-        env.update({
-            "HOME": str(base / "home"),
-            "RABBITMQ_NODENAME": self.nodename,
-            "RABBITMQ_NODE_IP_ADDRESS": HOST,
-            "RABBITMQ_NODE_PORT": str(self._port),
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
-            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_FEATURE_FLAGS_FILE": str(base / "feature_flags"),
-            "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
-            "ERL_EPMD_PORT": str(self.epmd_port),
-            "ERL_EPMD_ADDRESS": HOST,
-        })
+        env.update(
+            {
+                "HOME": str(base / "home"),
+                "RABBITMQ_NODENAME": self.nodename,
+                "RABBITMQ_NODE_IP_ADDRESS": HOST,
+                "RABBITMQ_NODE_PORT": str(self._port),
+                "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(base / "log"),
+                "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
+                "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+                "RABBITMQ_FEATURE_FLAGS_FILE": str(base / "feature_flags"),
+                "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
+                "ERL_EPMD_PORT": str(self.epmd_port),
+                "ERL_EPMD_ADDRESS": HOST,
+            }
+        )
         return env
 
     def _start_epmd(self) -> None:
@@ -493,7 +525,9 @@ class RabbitMQServer(_ServerProcess):
             return
         self._epmd = subprocess.Popen(
             [self.epmd_binary, "-port", str(self.epmd_port), "-address", HOST],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         self._epmd_guard = GroupGuard(self._epmd.pid)
@@ -514,8 +548,9 @@ class RabbitMQServer(_ServerProcess):
     def _accepts_guest(self) -> bool:
         import amqp
 
-        connection = amqp.Connection(f"{HOST}:{self._port}", userid="guest",
-                                     password="guest", connect_timeout=1.0)
+        connection = amqp.Connection(
+            f"{HOST}:{self._port}", userid="guest", password="guest", connect_timeout=1.0
+        )
         try:
             connection.connect()
         except Exception:
@@ -559,8 +594,12 @@ class RabbitMQServer(_ServerProcess):
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
         """Run rabbitmqctl against this node (about a second per call: the CLI boots Erlang)."""
         result = subprocess.run(
-            [str(_RABBITMQCTL), "-n", self.nodename, *args], env=self.env(),
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            [str(_RABBITMQCTL), "-n", self.nodename, *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
         if result.returncode != 0:
             raise RuntimeError(
@@ -589,8 +628,9 @@ class RabbitMQServer(_ServerProcess):
 
         names = self.queues(vhost)
         if names:
-            connection = amqp.Connection(f"{HOST}:{self._port}", userid="guest",
-                                         password="guest", virtual_host=vhost)
+            connection = amqp.Connection(
+                f"{HOST}:{self._port}", userid="guest", password="guest", virtual_host=vhost
+            )
             connection.connect()
             try:
                 channel = connection.channel()

@@ -19,8 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_quick_bench_counts_every_event_and_writes_its_figures(tmp_path: Path) -> None:
     output = tmp_path / "latest.json"
-    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--output", str(output)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(output.read_text())
 
@@ -31,11 +36,19 @@ def test_quick_bench_counts_every_event_and_writes_its_figures(tmp_path: Path) -
         assert set(figure) >= {"exporter", "baseline", "ratio", "target", "met"}
     assert result["figures"]["metrics_render_ms"]["samples"] > 0
 
-    exporter_runs = [r for r in result["runs"]
-                     if r["subject"] == "exporter" and not r["scenario"].startswith("overload")]
+    exporter_runs = [
+        r
+        for r in result["runs"]
+        if r["subject"] == "exporter" and not r["scenario"].startswith("overload")
+    ]
     assert {r["scenario"] for r in exporter_runs} >= {
-        "cpu 2000/s unbatched", "cpu 4000/s batched", "sustain 3000/s unbatched",
-        "sustain 6000/s batched", "memory", "metrics grid"}
+        "cpu 2000/s unbatched",
+        "cpu 4000/s batched",
+        "sustain 3000/s unbatched",
+        "sustain 6000/s batched",
+        "memory",
+        "metrics grid",
+    }
     for r in exporter_runs:
         assert r["published"]["error"] == ""
         assert r["counted"] == r["published"]["events"], r

@@ -35,8 +35,12 @@ def worker_churn(count: int, start: float = 1000.0) -> Iterator[tuple[dict, floa
         for index in range(TASKS_PER_WORKER):
             uuid = f"{worker}-{index}"
             name = f"app.task_{worker}_{index}"
-            batch += [sent(uuid, name, f"q{index % 3}", now), received(uuid, name, now, host),
-                      started(uuid, now, host), succeeded(uuid, now, 0.01, host)]
+            batch += [
+                sent(uuid, name, f"q{index % 3}", now),
+                received(uuid, name, now, host),
+                started(uuid, now, host),
+                succeeded(uuid, now, 0.01, host),
+            ]
         for one in batch:
             if emitted == count:
                 return
@@ -102,8 +106,11 @@ def test_unique_names_and_churning_workers_stay_bounded() -> None:
     assert end["tasks"] == 0
     assert scene.value("celery_exporter_tracked_tasks_evicted_total") == 0
     # Flat: three quarters of the stream later, no structure has grown.
-    grown = {key: (quarter.get(key, 0), size) for key, size in end.items()
-             if size > max(quarter.get(key, 0), live)}
+    grown = {
+        key: (quarter.get(key, 0), size)
+        for key, size in end.items()
+        if size > max(quarter.get(key, 0), live)
+    }
     assert grown == {}
     assert rss_bytes() - rss_quarter < 32 << 20
 
@@ -134,8 +141,15 @@ def test_long_label_values_are_cut() -> None:
     scene = Scene()
     name = "app." + "x" * 10_000
     scene.feed(sent("a", name, "q", 1.0), received("a", name, 1.0, "celery@" + "h" * 5000))
-    labels = {"name": name[:MAX_LENGTH], "queue": "q", "hostname": ("celery@" + "h" * 5000)[
-        :MAX_LENGTH]}
+    labels = {
+        "name": name[:MAX_LENGTH],
+        "queue": "q",
+        "hostname": ("celery@" + "h" * 5000)[:MAX_LENGTH],
+    }
     assert scene.value("celery_task_received_total", **labels) == 1
-    assert all(len(value) <= MAX_LENGTH for family in scene.metrics.families.values()
-               for key in family.values for value in key)
+    assert all(
+        len(value) <= MAX_LENGTH
+        for family in scene.metrics.families.values()
+        for key in family.values
+        for value in key
+    )

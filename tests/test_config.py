@@ -19,11 +19,13 @@ BROKER = ["--broker-url", "redis://localhost:6379/0"]
 
 def test_precedence_is_flags_then_environment_then_file_then_defaults(tmp_path: Path) -> None:
     path = tmp_path / "exporter.yaml"
-    path.write_text("port: 1111\nworker_timeout: 11\ndefault_queue: from-file\n"
-                    "broker_url: redis://file/0\n")
-    loaded = config.load(["--config", str(path), "--port", "3333"],
-                         environ={"CELERY_EXPORTER_PORT": "2222",
-                                  "CELERY_EXPORTER_WORKER_TIMEOUT": "22"})
+    path.write_text(
+        "port: 1111\nworker_timeout: 11\ndefault_queue: from-file\nbroker_url: redis://file/0\n"
+    )
+    loaded = config.load(
+        ["--config", str(path), "--port", "3333"],
+        environ={"CELERY_EXPORTER_PORT": "2222", "CELERY_EXPORTER_WORKER_TIMEOUT": "22"},
+    )
     assert loaded.port == 3333
     assert loaded.worker_timeout == 22.0
     assert loaded.default_queue == "from-file"
@@ -39,32 +41,55 @@ def test_the_config_file_may_come_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_repeatable_and_list_options() -> None:
-    loaded = config.load([*BROKER, "--static-label", "cluster=eu", "--static-label", "env=prod",
-                          "--broker-transport-option", "global_keyprefix=app:",
-                          "--broker-transport-option", "priority_steps=[0,5]",
-                          "--runtime-buckets", "0.1,1,10"], environ={})
+    loaded = config.load(
+        [
+            *BROKER,
+            "--static-label",
+            "cluster=eu",
+            "--static-label",
+            "env=prod",
+            "--broker-transport-option",
+            "global_keyprefix=app:",
+            "--broker-transport-option",
+            "priority_steps=[0,5]",
+            "--runtime-buckets",
+            "0.1,1,10",
+        ],
+        environ={},
+    )
     assert loaded.static_labels == {"cluster": "eu", "env": "prod"}
-    assert loaded.broker_transport_options == {"global_keyprefix": "app:",
-                                               "priority_steps": [0, 5]}
+    assert loaded.broker_transport_options == {"global_keyprefix": "app:", "priority_steps": [0, 5]}
     assert loaded.runtime_buckets == (0.1, 1.0, 10.0)
 
 
-@pytest.mark.parametrize(("argv", "environ", "file", "message"), [
-    (["--port", "99999"], {}, None, "port: expected an integer from 0 to 65535, got '99999'"),
-    ([], {"CELERY_EXPORTER_WORKER_TIMEOUT": "soon"}, None,
-     "worker_timeout: expected a number of at least 1, got 'soon' "
-     "(from CELERY_EXPORTER_WORKER_TIMEOUT)"),
-    ([], {"CELERY_EXPORTER_BROKER_ULR": "x"}, None,
-     "unknown environment variable CELERY_EXPORTER_BROKER_ULR (did you mean broker_url?)"),
-    ([], {}, "max_tracked_taks: 5\n", "max_tracked_taks: unknown key in"),
-    ([], {}, "log_format: xml\n", "log_format: expected one of text, json, got 'xml'"),
-    ([], {}, "runtime_buckets: [1, 0.5]\n", "runtime_buckets: expected increasing positive"),
-    ([], {}, "static_labels: {'bad-label': x}\n", "static_labels: 'bad-label' is not a valid"),
-    ([], {}, "- a list\n", "config: "),
-    ([], {}, "port: [\n", "config: "),
-])
-def test_mistakes_name_the_key(tmp_path: Path, argv: list[str], environ: dict[str, str],
-                               file: str | None, message: str) -> None:
+@pytest.mark.parametrize(
+    ("argv", "environ", "file", "message"),
+    [
+        (["--port", "99999"], {}, None, "port: expected an integer from 0 to 65535, got '99999'"),
+        (
+            [],
+            {"CELERY_EXPORTER_WORKER_TIMEOUT": "soon"},
+            None,
+            "worker_timeout: expected a number of at least 1, got 'soon' "
+            "(from CELERY_EXPORTER_WORKER_TIMEOUT)",
+        ),
+        (
+            [],
+            {"CELERY_EXPORTER_BROKER_ULR": "x"},
+            None,
+            "unknown environment variable CELERY_EXPORTER_BROKER_ULR (did you mean broker_url?)",
+        ),
+        ([], {}, "max_tracked_taks: 5\n", "max_tracked_taks: unknown key in"),
+        ([], {}, "log_format: xml\n", "log_format: expected one of text, json, got 'xml'"),
+        ([], {}, "runtime_buckets: [1, 0.5]\n", "runtime_buckets: expected increasing positive"),
+        ([], {}, "static_labels: {'bad-label': x}\n", "static_labels: 'bad-label' is not a valid"),
+        ([], {}, "- a list\n", "config: "),
+        ([], {}, "port: [\n", "config: "),
+    ],
+)
+def test_mistakes_name_the_key(
+    tmp_path: Path, argv: list[str], environ: dict[str, str], file: str | None, message: str
+) -> None:
     if file is not None:
         path = tmp_path / "exporter.yaml"
         path.write_text(file)
@@ -82,21 +107,31 @@ def test_a_broker_url_is_required() -> None:
 
 
 def test_the_command_line_exits_2_with_one_line() -> None:
-    result = subprocess.run([sys.executable, "-m", "exporter", *BROKER, "--port", "x"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60,
-                            env={"PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", *BROKER, "--port", "x"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2
-    assert result.stderr == ("celery-events-exporter: error: port: expected an integer from "
-                             "0 to 65535, got 'x' (from --port)\n")
+    assert result.stderr == (
+        "celery-events-exporter: error: port: expected an integer from "
+        "0 to 65535, got 'x' (from --port)\n"
+    )
 
 
-@pytest.mark.parametrize(("url", "shown"), [
-    ("redis://:s3cret@redis:6379/0", "redis://:****@redis:6379/0"),
-    ("amqp://user:s3cret@rabbit:5672//", "amqp://user:****@rabbit:5672//"),
-    ("amqp://u:a@b@h//;amqp://u:s3cret@h2//", "amqp://u:****@h//;amqp://u:****@h2//"),
-    ("redis://redis:6379/0", "redis://redis:6379/0"),
-    ("sentinel://:s3cret@s1:26379", "sentinel://:****@s1:26379"),
-])
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@redis:6379/0", "redis://:****@redis:6379/0"),
+        ("amqp://user:s3cret@rabbit:5672//", "amqp://user:****@rabbit:5672//"),
+        ("amqp://u:a@b@h//;amqp://u:s3cret@h2//", "amqp://u:****@h//;amqp://u:****@h2//"),
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+        ("sentinel://:s3cret@s1:26379", "sentinel://:****@s1:26379"),
+    ],
+)
 def test_passwords_are_masked(url: str, shown: str) -> None:
     assert config.mask_url(url) == shown
 

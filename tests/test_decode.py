@@ -25,9 +25,16 @@ def test_msgpack_bodies_decode() -> None:
     assert decode.decode_body(msgpack.packb(one), "application/x-msgpack") == [one]
 
 
-@pytest.mark.parametrize("content_type", [
-    "application/x-python-serialize", "application/x-yaml", "text/plain", None, "",
-])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/x-python-serialize",
+        "application/x-yaml",
+        "text/plain",
+        None,
+        "",
+    ],
+)
 def test_other_content_types_are_refused_unread(content_type: str | None) -> None:
     body = pickle.dumps({"type": "task-succeeded"})
     with pytest.raises(decode.InvalidMessage) as caught:
@@ -51,12 +58,19 @@ def test_bodies_past_a_megabyte_are_refused() -> None:
 
 def test_redis_envelope_with_base64_body() -> None:
     event = succeeded("u1", 10.0, 0.5)
-    envelope = orjson.dumps({
-        "body": base64.b64encode(orjson.dumps([event])).decode(),
-        "content-encoding": "utf-8", "content-type": "application/json", "headers": {},
-        "properties": {"body_encoding": "base64", "delivery_tag": "x",
-                       "delivery_info": {"exchange": "celeryev", "routing_key": "task.multi"}},
-    })
+    envelope = orjson.dumps(
+        {
+            "body": base64.b64encode(orjson.dumps([event])).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {},
+            "properties": {
+                "body_encoding": "base64",
+                "delivery_tag": "x",
+                "delivery_info": {"exchange": "celeryev", "routing_key": "task.multi"},
+            },
+        }
+    )
     body, content_type = decode.unwrap_redis_envelope(envelope)
     assert content_type == "application/json"
     assert decode.decode_body(body, content_type) == [event]
@@ -73,24 +87,27 @@ def _without(event: dict, field: str) -> dict:
     return {key: value for key, value in event.items() if key != field}
 
 
-@pytest.mark.parametrize(("event", "reason"), [
-    (succeeded("u1", 10.0, 0.5), None),
-    (heartbeat("celery@w1", 10.0), None),
-    ({"type": "custom-event", "timestamp": 1.0, "hostname": "h"}, None),
-    ("task-succeeded", decode.NOT_AN_EVENT),
-    ([succeeded("u1", 10.0, 0.5)], decode.NOT_AN_EVENT),
-    (_without(succeeded("u1", 10.0, 0.5), "type"), decode.MISSING_FIELD),
-    ({**succeeded("u1", 10.0, 0.5), "type": 7}, decode.WRONG_TYPE),
-    (_without(succeeded("u1", 10.0, 0.5), "timestamp"), decode.MISSING_FIELD),
-    ({**succeeded("u1", 10.0, 0.5), "timestamp": "noon"}, decode.WRONG_TYPE),
-    ({**succeeded("u1", 10.0, 0.5), "timestamp": float("nan")}, decode.WRONG_TYPE),
-    (_without(succeeded("u1", 10.0, 0.5), "hostname"), decode.MISSING_FIELD),
-    ({**succeeded("u1", 10.0, 0.5), "uuid": 42}, decode.WRONG_TYPE),
-    ({**succeeded("u1", 10.0, 0.5), "runtime": None}, decode.WRONG_TYPE),
-    ({**succeeded("u1", 10.0, 0.5), "runtime": "1.5"}, decode.WRONG_TYPE),
-    ({**succeeded("u1", 10.0, 0.5), "runtime": True}, decode.WRONG_TYPE),
-    (_without(succeeded("u1", 10.0, 0.5), "runtime"), decode.MISSING_FIELD),
-    ({**heartbeat("celery@w1", 10.0), "active": "3"}, decode.WRONG_TYPE),
-])
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (succeeded("u1", 10.0, 0.5), None),
+        (heartbeat("celery@w1", 10.0), None),
+        ({"type": "custom-event", "timestamp": 1.0, "hostname": "h"}, None),
+        ("task-succeeded", decode.NOT_AN_EVENT),
+        ([succeeded("u1", 10.0, 0.5)], decode.NOT_AN_EVENT),
+        (_without(succeeded("u1", 10.0, 0.5), "type"), decode.MISSING_FIELD),
+        ({**succeeded("u1", 10.0, 0.5), "type": 7}, decode.WRONG_TYPE),
+        (_without(succeeded("u1", 10.0, 0.5), "timestamp"), decode.MISSING_FIELD),
+        ({**succeeded("u1", 10.0, 0.5), "timestamp": "noon"}, decode.WRONG_TYPE),
+        ({**succeeded("u1", 10.0, 0.5), "timestamp": float("nan")}, decode.WRONG_TYPE),
+        (_without(succeeded("u1", 10.0, 0.5), "hostname"), decode.MISSING_FIELD),
+        ({**succeeded("u1", 10.0, 0.5), "uuid": 42}, decode.WRONG_TYPE),
+        ({**succeeded("u1", 10.0, 0.5), "runtime": None}, decode.WRONG_TYPE),
+        ({**succeeded("u1", 10.0, 0.5), "runtime": "1.5"}, decode.WRONG_TYPE),
+        ({**succeeded("u1", 10.0, 0.5), "runtime": True}, decode.WRONG_TYPE),
+        (_without(succeeded("u1", 10.0, 0.5), "runtime"), decode.MISSING_FIELD),
+        ({**heartbeat("celery@w1", 10.0), "active": "3"}, decode.WRONG_TYPE),
+    ],
+)
 def test_event_checks(event: object, reason: str | None) -> None:
     assert decode.check_event(event) == reason

@@ -29,11 +29,17 @@ def test_the_demo_serves_every_family_within_30_seconds_and_cleans_up() -> None:
     try:
         exporter.wait_serving()
         wanted = {spec.name for spec in METRICS} - NOT_IN_DEMO
-        wait_for(lambda: wanted <= _families(exporter), timeout=30,
-                 message=lambda: f"missing families: {sorted(wanted - _families(exporter))}")
+        wait_for(
+            lambda: wanted <= _families(exporter),
+            timeout=30,
+            message=lambda: f"missing families: {sorted(wanted - _families(exporter))}",
+        )
         assert exporter.sample("celery_exporter_broker_connected") == 1
-        invalid = {labels: value for (name, labels), value in exporter.samples().items()
-                   if name == "celery_exporter_events_invalid_total" and value}
+        invalid = {
+            labels: value
+            for (name, labels), value in exporter.samples().items()
+            if name == "celery_exporter_events_invalid_total" and value
+        }
         assert invalid == {}
     finally:
         assert exporter.stop(signal.SIGINT) == 0

@@ -13,18 +13,21 @@ TASKS = 5
 
 
 def test_a_worker_without_dash_e_sends_task_events_once_enabled(
-    broker, worker_factory,
+    broker,
+    worker_factory,
 ) -> None:
     url = broker.url
     queue = f"quiet-{uuid.uuid4().hex[:8]}"
-    exporter = InProcessExporter(["--broker-url", url, "--enable-events",
-                                  "--enable-events-interval", "1"])
+    exporter = InProcessExporter(
+        ["--broker-url", url, "--enable-events", "--enable-events-interval", "1"]
+    )
     try:
         worker = worker_factory(url, events=False, queues=(queue,))
         host = {"hostname": worker.hostname}
         # Heartbeats come without -E; task events are what enable_events turns on.
-        wait_for(lambda: exporter.sample("celery_worker_up", host) == 1, 60,
-                 "the worker's heartbeat")
+        wait_for(
+            lambda: exporter.sample("celery_worker_up", host) == 1, 60, "the worker's heartbeat"
+        )
         app = make_app(url, sent_events=False)
         last_sent = [0.0]
 
@@ -40,8 +43,13 @@ def test_a_worker_without_dash_e_sends_task_events_once_enabled(
         wait_for(events_enabled, 60, "a task event from the worker")
         for number in range(TASKS):
             app.send_task("tests.add", (number, 1), queue=queue)
-        wait_for(lambda: exporter.total("celery_task_succeeded_total", name="tests.add",
-                                        **host) >= TASKS, 60, f"{TASKS} tasks succeeded")
+        wait_for(
+            lambda: (
+                exporter.total("celery_task_succeeded_total", name="tests.add", **host) >= TASKS
+            ),
+            60,
+            f"{TASKS} tasks succeeded",
+        )
         assert exporter.total("celery_task_succeeded_total", name="tests.add", **host) == TASKS
         assert exporter.total("celery_task_started_total", name="tests.add", **host) == TASKS
     finally:

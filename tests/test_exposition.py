@@ -21,10 +21,12 @@ def _filled(static_labels: dict[str, str]) -> tuple[Registry, Metrics]:
         for name in ("tasks.add", "tasks.new\nline"):
             metrics.counter("celery_task_received_total").inc((name, worker, "celery"))
             metrics.counter("celery_task_failed_total").inc(
-                (name, worker, "celery", "ValueError"), 3)
+                (name, worker, "celery", "ValueError"), 3
+            )
         metrics.gauge("celery_worker_up").set((worker,), 1)
         metrics.gauge("celery_worker_last_heartbeat_timestamp_seconds").set(
-            (worker,), 1795500894.125)
+            (worker,), 1795500894.125
+        )
         metrics.counter("celery_worker_tasks_processed_total").set_total((worker,), 12345678)
     for value in (0.0004, 0.3, 7.0, 5000.0):
         metrics.histogram("celery_task_runtime_seconds").observe(("tasks.add", "celery"), value)
@@ -35,8 +37,11 @@ def _filled(static_labels: dict[str, str]) -> tuple[Registry, Metrics]:
     return registry, metrics
 
 
-@pytest.mark.parametrize("static_labels", [{}, {"cluster": 'eu"1', "zone": "b"}, {"aa": "x"}],
-                         ids=["none", "after-le", "before-le"])
+@pytest.mark.parametrize(
+    "static_labels",
+    [{}, {"cluster": 'eu"1', "zone": "b"}, {"aa": "x"}],
+    ids=["none", "after-le", "before-le"],
+)
 def test_text_is_byte_identical_to_generate_latest(static_labels: dict[str, str]) -> None:
     registry, _ = _filled(static_labels)
     assert registry.text() == generate_latest(registry)
@@ -53,8 +58,16 @@ def test_series_gone_since_the_last_scrape_leave_the_text() -> None:
 
 def test_scrapes_negotiate_text_or_openmetrics() -> None:
     registry, _ = _filled({})
-    status = Status(broker="redis://", connected=True, alive=True, last_error="",
-                    started_at=0.0, events_received=0, last_event_at=None, workers=())
+    status = Status(
+        broker="redis://",
+        connected=True,
+        alive=True,
+        last_error="",
+        started_at=0.0,
+        events_received=0,
+        last_event_at=None,
+        workers=(),
+    )
     server = serve("127.0.0.1", 0, registry, lambda: status)
     url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
     try:
@@ -62,13 +75,16 @@ def test_scrapes_negotiate_text_or_openmetrics() -> None:
             assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             assert response.read() == generate_latest(registry)
         request = urllib.request.Request(
-            url, headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+            url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
         with urllib.request.urlopen(request) as response:
             assert response.headers["Content-Type"].startswith("application/openmetrics-text")
             body = response.read().decode()
         assert body.endswith("# EOF\n")
-        names = {family.name for family in text_string_to_metric_families(
-            generate_latest(registry).decode())}
+        names = {
+            family.name
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+        }
         assert "celery_task_received" in names
     finally:
         server.shutdown()

@@ -16,30 +16,51 @@ from tests.servers import wait_for
 
 def test_an_unreadable_message_file_is_counted_and_the_next_one_read(tmp_path: Path) -> None:
     data, control = str(tmp_path / "data"), str(tmp_path / "control")
-    options = {"data_folder_in": data, "data_folder_out": data, "control_folder": control,
-               "polling_interval": 0.05}
+    options = {
+        "data_folder_in": data,
+        "data_folder_out": data,
+        "control_folder": control,
+        "polling_interval": 0.05,
+    }
     for folder in ("data", "control"):
         (tmp_path / folder).mkdir()
-    flags = [item for key, value in options.items()
-             for item in ("--broker-transport-option", f"{key}={value}")]
+    flags = [
+        item
+        for key, value in options.items()
+        for item in ("--broker-transport-option", f"{key}={value}")
+    ]
     exporter = InProcessExporter(["--broker-url", "filesystem://", *flags])
     try:
         table = tmp_path / "control" / "celeryev.exchange"
         # kombu writes its binding table in place: read it once it parses.
-        queue = wait_for(lambda: json.loads(table.read_text())[0][2], 20,
-                         "the exporter never bound its queue",
-                         ignore=(OSError, ValueError, IndexError))
+        queue = wait_for(
+            lambda: json.loads(table.read_text())[0][2],
+            20,
+            "the exporter never bound its queue",
+            ignore=(OSError, ValueError, IndexError),
+        )
         # What a reader sees of a message whose writer has not written yet: nothing.
         (tmp_path / "data" / f"1_{uuid.uuid4()}.{queue}.msg").write_bytes(b"")
-        wait_for(lambda: exporter.sample("celery_exporter_events_invalid_total",
-                                         {"reason": "malformed"}) == 1, 20,
-                 "the unreadable file was not counted")
+        wait_for(
+            lambda: (
+                exporter.sample("celery_exporter_events_invalid_total", {"reason": "malformed"})
+                == 1
+            ),
+            20,
+            "the unreadable file was not counted",
+        )
         with Connection("filesystem://", transport_options=options) as connection:
             Producer(connection).publish(
-                orjson.dumps(heartbeat("celery@fs", 1.0)), exchange=Exchange("celeryev", "topic"),
-                routing_key="worker.heartbeat", content_type="application/json",
-                content_encoding="utf-8")
-        wait_for(lambda: exporter.sample("celery_worker_up", {"hostname": "celery@fs"}) == 1, 20,
-                 "the receiver did not carry on after the unreadable file")
+                orjson.dumps(heartbeat("celery@fs", 1.0)),
+                exchange=Exchange("celeryev", "topic"),
+                routing_key="worker.heartbeat",
+                content_type="application/json",
+                content_encoding="utf-8",
+            )
+        wait_for(
+            lambda: exporter.sample("celery_worker_up", {"hostname": "celery@fs"}) == 1,
+            20,
+            "the receiver did not carry on after the unreadable file",
+        )
     finally:
         exporter.stop()

@@ -615,8 +615,9 @@ def test_schema_refuses_bad_values(chart: Any, values: dict[str, Any], key: str)
 def test_service_and_service_monitor(chart: Any) -> None:
     docs = objects(chart, EVERYTHING)
     service = one(docs, "Service")["spec"]
-    assert service["ports"] == [{"name": "http-metrics", "port": 9808,
-                                 "targetPort": "http-metrics", "protocol": "TCP"}]
+    assert service["ports"] == [
+        {"name": "http-metrics", "port": 9808, "targetPort": "http-metrics", "protocol": "TCP"}
+    ]
     # A pod that lost the broker is unready, and must still be scraped to alert on it.
     assert service["publishNotReadyAddresses"] is True
     sm = one(docs, "ServiceMonitor")
@@ -804,8 +805,7 @@ def test_the_chart_config_keys_are_the_daemon_options(chart: Any) -> None:
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_the_rendered_config_starts_the_daemon(chart: Any, scenario: str,
-                                               tmp_path: Path) -> None:
+def test_the_rendered_config_starts_the_daemon(chart: Any, scenario: str, tmp_path: Path) -> None:
     settings = config_of(objects(chart, SCENARIOS[scenario]))
     settings.pop("web_config_file", None)  # a file mounted from a Secret in the cluster
     path = tmp_path / "config.yaml"

@@ -17,21 +17,29 @@ WORKER_TIMEOUT = 3
 
 @pytest.fixture
 def exporter(broker: Any) -> Iterator[InProcessExporter]:
-    running = InProcessExporter(["--broker-url", broker.url,
-                                 "--worker-timeout", str(WORKER_TIMEOUT)])
-    wait_for(lambda: running.sample("celery_exporter_broker_connected") == 1, timeout=20,
-             message="exporter never connected")
+    running = InProcessExporter(
+        ["--broker-url", broker.url, "--worker-timeout", str(WORKER_TIMEOUT)]
+    )
+    wait_for(
+        lambda: running.sample("celery_exporter_broker_connected") == 1,
+        timeout=20,
+        message="exporter never connected",
+    )
     yield running
     running.stop()
 
 
 def _wait_up(exporter: InProcessExporter, hostname: str) -> None:
-    wait_for(lambda: exporter.sample("celery_worker_up", {"hostname": hostname}) == 1,
-             timeout=30, message=f"no heartbeat from {hostname}")
+    wait_for(
+        lambda: exporter.sample("celery_worker_up", {"hostname": hostname}) == 1,
+        timeout=30,
+        message=f"no heartbeat from {hostname}",
+    )
 
 
-def test_a_mix_of_outcomes_is_counted_exactly(broker: Any, exporter: InProcessExporter,
-                                              worker_factory: Callable[..., Any]) -> None:
+def test_a_mix_of_outcomes_is_counted_exactly(
+    broker: Any, exporter: InProcessExporter, worker_factory: Callable[..., Any]
+) -> None:
     worker = worker_factory(broker.url, queues=("celery", "reports"))
     _wait_up(exporter, worker.hostname)
     app = make_app(broker.url)
@@ -59,25 +67,31 @@ def test_a_mix_of_outcomes_is_counted_exactly(broker: Any, exporter: InProcessEx
         ("celery_task_succeeded_total", _key(add)): 7,
         ("celery_task_revoked_total", _key(add)): 2,
         ("celery_task_runtime_seconds_count", (("name", "tests.add"), ("queue", "celery"))): 7,
-        ("celery_task_queue_wait_seconds_count",
-         (("name", "tests.add"), ("queue", "celery"))): 7,
-        ("celery_task_failed_total", _key({**on, "name": "tests.fail",
-                                            "exception": "ValueError"})): 3,
-        ("celery_task_failed_total", _key({**on, "name": "tests.fail_key",
-                                            "exception": "KeyError"})): 2,
+        ("celery_task_queue_wait_seconds_count", (("name", "tests.add"), ("queue", "celery"))): 7,
+        (
+            "celery_task_failed_total",
+            _key({**on, "name": "tests.fail", "exception": "ValueError"}),
+        ): 3,
+        (
+            "celery_task_failed_total",
+            _key({**on, "name": "tests.fail_key", "exception": "KeyError"}),
+        ): 2,
         ("celery_task_retried_total", _key({**retry, "exception": "RuntimeError"})): 2,
-        ("celery_task_sent_total",
-         (("name", "tests.retry_then_succeed"), ("queue", "celery"))): 3,
+        ("celery_task_sent_total", (("name", "tests.retry_then_succeed"), ("queue", "celery"))): 3,
         ("celery_task_received_total", _key(retry)): 3,
         ("celery_task_succeeded_total", _key(retry)): 1,
-        ("celery_task_succeeded_total", _key({**on, "name": "tests.noop",
-                                               "queue": "reports"})): 1,
+        ("celery_task_succeeded_total", _key({**on, "name": "tests.noop", "queue": "reports"})): 1,
         ("celery_exporter_tracked_tasks", ()): 0,
     }
     # Pool processes buffer their events, so each count settles on its own time.
-    wait_for(lambda: not _mismatches(exporter, expected), timeout=60,
-             message=lambda: "exported values differ from what happened, as (got, expected): "
-             f"{_mismatches(exporter, expected)}")
+    wait_for(
+        lambda: not _mismatches(exporter, expected),
+        timeout=60,
+        message=lambda: (
+            "exported values differ from what happened, as (got, expected): "
+            f"{_mismatches(exporter, expected)}"
+        ),
+    )
     assert exporter.total("celery_task_failed_total", name="unknown") == 0
     assert exporter.total("celery_exporter_events_invalid_total") == 0
 
@@ -86,8 +100,9 @@ def _key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(labels.items())
 
 
-def _mismatches(exporter: InProcessExporter,
-                expected: dict[tuple[str, tuple], float]) -> dict[str, tuple[float, float]]:
+def _mismatches(
+    exporter: InProcessExporter, expected: dict[tuple[str, tuple], float]
+) -> dict[str, tuple[float, float]]:
     found = {}
     for (metric, labels), value in expected.items():
         got = exporter.sample(metric, dict(labels))
@@ -97,9 +112,13 @@ def _mismatches(exporter: InProcessExporter,
 
 
 def test_a_killed_worker_goes_down_within_the_timeout(
-        broker: Any, exporter: InProcessExporter, worker_factory: Callable[..., Any]) -> None:
+    broker: Any, exporter: InProcessExporter, worker_factory: Callable[..., Any]
+) -> None:
     worker = worker_factory(broker.url)
     _wait_up(exporter, worker.hostname)
     worker.kill()
-    wait_for(lambda: exporter.sample("celery_worker_up", {"hostname": worker.hostname}) == 0,
-             timeout=WORKER_TIMEOUT + 3, message="the killed worker still reads as up")
+    wait_for(
+        lambda: exporter.sample("celery_worker_up", {"hostname": worker.hostname}) == 0,
+        timeout=WORKER_TIMEOUT + 3,
+        message="the killed worker still reads as up",
+    )

@@ -35,19 +35,33 @@ _uuids = itertools.count()
 
 def sent_events(count: int, name: str) -> list[dict]:
     now = time.time()
-    return [{"type": "task-sent", "timestamp": now, "hostname": "gen@client",
-             "uuid": f"outage-{next(_uuids)}", "name": name, "queue": "celery"}
-            for _ in range(count)]
+    return [
+        {
+            "type": "task-sent",
+            "timestamp": now,
+            "hostname": "gen@client",
+            "uuid": f"outage-{next(_uuids)}",
+            "name": name,
+            "queue": "celery",
+        }
+        for _ in range(count)
+    ]
 
 
 def publish_redis(url: str, events: list[dict]) -> None:
     body = orjson.dumps(events)
-    envelope = orjson.dumps({
-        "body": base64.b64encode(body).decode(), "content-encoding": "utf-8",
-        "content-type": "application/json", "headers": {},
-        "properties": {"body_encoding": "base64", "delivery_info": {
-            "exchange": "celeryev", "routing_key": "task.multi"}},
-    })
+    envelope = orjson.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {},
+            "properties": {
+                "body_encoding": "base64",
+                "delivery_info": {"exchange": "celeryev", "routing_key": "task.multi"},
+            },
+        }
+    )
     with redis.Redis.from_url(url) as client:
         assert client.publish("/0.celeryev/task.multi", envelope) == 1  # one subscriber: us
 
@@ -55,8 +69,12 @@ def publish_redis(url: str, events: list[dict]) -> None:
 def publish_amqp(url: str, events: list[dict]) -> None:
     with Connection(url) as connection:
         producer = Producer(connection.channel(), exchange=Exchange("celeryev", type="topic"))
-        producer.publish(orjson.dumps(events), routing_key="task.multi",
-                         content_type="application/json", content_encoding="utf-8")
+        producer.publish(
+            orjson.dumps(events),
+            routing_key="task.multi",
+            content_type="application/json",
+            content_encoding="utf-8",
+        )
 
 
 @pytest.fixture
@@ -80,12 +98,16 @@ def status_of(url: str, path: str) -> int:
 
 
 def wait_counted(exporter: InProcessExporter, name: str, count: int) -> None:
-    wait_for(lambda: exporter.sample(SENT, {"name": name, "queue": "celery"}) == count, 15,
-             f"{name}: {count} task-sent events not counted")
+    wait_for(
+        lambda: exporter.sample(SENT, {"name": name, "queue": "celery"}) == count,
+        15,
+        f"{name}: {count} task-sent events not counted",
+    )
 
 
-def ride_out_an_outage(server: RedisServer | RabbitMQServer, url: str,
-                       publish: Callable[[str, list[dict]], None]) -> float:
+def ride_out_an_outage(
+    server: RedisServer | RabbitMQServer, url: str, publish: Callable[[str, list[dict]], None]
+) -> float:
     """Events before, an outage, events after: exact totals. Returns the reconnect time."""
     exporter = InProcessExporter(["--broker-url", url])
     try:
@@ -105,8 +127,11 @@ def ride_out_an_outage(server: RedisServer | RabbitMQServer, url: str,
 
         server.start()
         back = time.monotonic()
-        wait_for(lambda: exporter.sample(CONNECTED) == 1, RETURN_DEADLINE,
-                 "not reconnected after the broker came back")
+        wait_for(
+            lambda: exporter.sample(CONNECTED) == 1,
+            RETURN_DEADLINE,
+            "not reconnected after the broker came back",
+        )
         reconnect = time.monotonic() - back
         assert status_of(exporter.url, "/readyz") == 200
         publish(url, sent_events(25, "after"))
@@ -121,8 +146,7 @@ def ride_out_an_outage(server: RedisServer | RabbitMQServer, url: str,
 
 
 def test_redis_outage(own_redis: RedisServer) -> None:
-    reconnect = ride_out_an_outage(own_redis, own_redis.url,
-                                   publish_redis)
+    reconnect = ride_out_an_outage(own_redis, own_redis.url, publish_redis)
     print(f"redis: events count again {reconnect:.2f} s after the broker's return")
 
 
@@ -139,8 +163,11 @@ def test_a_quick_restart_is_an_outage_too(own_redis: RedisServer) -> None:
         wait_for(lambda: exporter.sample(CONNECTED) == 1, 15, "never connected")
         own_redis.stop()
         own_redis.start()
-        wait_for(lambda: exporter.sample("celery_exporter_broker_reconnects_total") == 1, 10,
-                 "the restart was not counted")
+        wait_for(
+            lambda: exporter.sample("celery_exporter_broker_reconnects_total") == 1,
+            10,
+            "the restart was not counted",
+        )
         wait_for(lambda: exporter.sample(CONNECTED) == 1, RETURN_DEADLINE, "not reconnected")
         publish_redis(url, sent_events(7, "restart"))
         wait_counted(exporter, "restart", 7)
@@ -162,8 +189,11 @@ def test_a_broker_absent_at_start_is_waited_for(kind: str, request: pytest.Fixtu
         assert status_of(exporter.url, "/healthz") == 200
         assert status_of(exporter.url, "/metrics") == 200
         server.start()
-        wait_for(lambda: exporter.sample(CONNECTED) == 1, RETURN_DEADLINE,
-                 "not connected once the broker started")
+        wait_for(
+            lambda: exporter.sample(CONNECTED) == 1,
+            RETURN_DEADLINE,
+            "not connected once the broker started",
+        )
         publish(url, sent_events(12, "late"))
         wait_counted(exporter, "late", 12)
         assert exporter.sample("celery_exporter_broker_reconnects_total") == 0

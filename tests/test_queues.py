@@ -35,12 +35,16 @@ def length(exporter: InProcessExporter, queue: str) -> float | None:
 
 
 def wait_length(exporter: InProcessExporter, queue: str, expected: int) -> None:
-    wait_for(lambda: length(exporter, queue) == expected, 30,
-             f"celery_queue_length{{queue={queue!r}}} == {expected}")
+    wait_for(
+        lambda: length(exporter, queue) == expected,
+        30,
+        f"celery_queue_length{{queue={queue!r}}} == {expected}",
+    )
 
 
-def publish(broker_url: str, queue: str, count: int, priority: int | None = None,
-            **conf: object) -> None:
+def publish(
+    broker_url: str, queue: str, count: int, priority: int | None = None, **conf: object
+) -> None:
     """``count`` tasks on ``queue``, with no sent events: only the probe can see them."""
     with make_app(broker_url, sent_events=False) as app:
         app.conf.update(conf)
@@ -49,7 +53,9 @@ def publish(broker_url: str, queue: str, count: int, priority: int | None = None
 
 
 def test_length_counts_waiting_tasks_and_returns_to_0_once_drained(
-    broker, worker_factory, exporters,
+    broker,
+    worker_factory,
+    exporters,
 ) -> None:
     url = broker.url
     queue = unique("backlog")
@@ -58,8 +64,12 @@ def test_length_counts_waiting_tasks_and_returns_to_0_once_drained(
     exporters.append(exporter)
     wait_length(exporter, queue, 7)
     assert exporter.sample("celery_exporter_queue_probe_errors_total", {"queue": queue}) == 0
-    assert exporter.daemon.registry.get_sample_value(
-        "celery_exporter_queue_probe_errors_total", {"queue": "celery"}) == 0
+    assert (
+        exporter.daemon.registry.get_sample_value(
+            "celery_exporter_queue_probe_errors_total", {"queue": "celery"}
+        )
+        == 0
+    )
 
     worker_factory(url, queues=(queue,))
     wait_length(exporter, queue, 0)
@@ -68,8 +78,13 @@ def test_length_counts_waiting_tasks_and_returns_to_0_once_drained(
 def test_redis_priority_sub_queues_are_counted(clean_redis, exporters) -> None:
     queue = unique("prio")
     for priority, count in ((None, 2), (3, 1), (5, 1), (9, 1)):
-        publish(clean_redis.url, queue, count, priority,
-                broker_transport_options={"queue_order_strategy": "priority"})
+        publish(
+            clean_redis.url,
+            queue,
+            count,
+            priority,
+            broker_transport_options={"queue_order_strategy": "priority"},
+        )
     client = redis.Redis.from_url(clean_redis.url)
     # Only two sit in the queue's own list: the rest are in its priority sub-lists.
     assert client.llen(queue) == 2
@@ -85,8 +100,17 @@ def test_redis_global_keyprefix_is_honoured(clean_redis, exporters) -> None:
     publish(clean_redis.url, queue, 4, broker_transport_options={"global_keyprefix": prefix})
     assert redis.Redis.from_url(clean_redis.url).llen(prefix + queue) == 4
 
-    exporter = InProcessExporter(["--broker-url", clean_redis.url, "--queues", queue, *POLL,
-                                  "--broker-transport-option", f"global_keyprefix={prefix}"])
+    exporter = InProcessExporter(
+        [
+            "--broker-url",
+            clean_redis.url,
+            "--queues",
+            queue,
+            *POLL,
+            "--broker-transport-option",
+            f"global_keyprefix={prefix}",
+        ]
+    )
     exporters.append(exporter)
     wait_length(exporter, queue, 4)
 
@@ -100,8 +124,11 @@ def test_queues_named_by_task_sent_events_are_probed(broker, exporters) -> None:
     app = make_app(url, sent_events=True)
     for number in range(3):
         app.send_task("tests.add", (number, 1), queue=queue)
-    wait_for(lambda: exporter.total("celery_task_sent_total", queue=queue) == 3, 30,
-             "three task-sent events")
+    wait_for(
+        lambda: exporter.total("celery_task_sent_total", queue=queue) == 3,
+        30,
+        "three task-sent events",
+    )
     wait_length(exporter, queue, 3)
 
 
@@ -110,8 +137,7 @@ def test_a_queue_that_does_not_exist_reads_0(broker, exporters) -> None:
     # Probed in name order: the missing queue first, so a probe follows its NOT_FOUND.
     missing, present = unique("a-missing"), unique("b-present")
     publish(url, present, 2)
-    exporter = InProcessExporter(["--broker-url", url, "--queues", f"{missing},{present}",
-                                  *POLL])
+    exporter = InProcessExporter(["--broker-url", url, "--queues", f"{missing},{present}", *POLL])
     exporters.append(exporter)
     wait_length(exporter, present, 2)
     assert length(exporter, missing) == 0
@@ -119,37 +145,50 @@ def test_a_queue_that_does_not_exist_reads_0(broker, exporters) -> None:
 
 
 def test_rabbitmq_consumers_count_a_running_worker(
-    clean_rabbitmq, worker_factory, exporters,
+    clean_rabbitmq,
+    worker_factory,
+    exporters,
 ) -> None:
     queue = unique("consumed")
     publish(clean_rabbitmq.url, queue, 1)
     exporter = InProcessExporter(["--broker-url", clean_rabbitmq.url, "--queues", queue, *POLL])
     exporters.append(exporter)
     consumers = {"queue": queue}
-    wait_for(lambda: exporter.daemon.registry.get_sample_value(
-        "celery_queue_consumers", consumers) == 0, 30, "no consumer yet")
+    wait_for(
+        lambda: exporter.daemon.registry.get_sample_value("celery_queue_consumers", consumers) == 0,
+        30,
+        "no consumer yet",
+    )
 
     worker = worker_factory(clean_rabbitmq.url, queues=(queue,))
     try:
-        wait_for(lambda: exporter.sample("celery_queue_consumers", consumers) == 1, 30,
-                 "one consumer")
+        wait_for(
+            lambda: exporter.sample("celery_queue_consumers", consumers) == 1, 30, "one consumer"
+        )
         wait_length(exporter, queue, 0)
     finally:
         worker.stop()
-    wait_for(lambda: exporter.sample("celery_queue_consumers", consumers) == 0, 30,
-             "no consumer after the worker stopped")
+    wait_for(
+        lambda: exporter.sample("celery_queue_consumers", consumers) == 0,
+        30,
+        "no consumer after the worker stopped",
+    )
 
 
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])
 def test_a_broker_that_is_down_counts_errors_and_the_daemon_keeps_serving(
-    scheme: str, exporters,
+    scheme: str,
+    exporters,
 ) -> None:
     url = f"{scheme}://127.0.0.1:{free_port()}/"  # nothing listens there
     exporter = InProcessExporter(["--broker-url", url, "--queues", "jobs", *POLL])
     exporters.append(exporter)
     errors = {"queue": "jobs"}
-    wait_for(lambda: exporter.sample("celery_exporter_queue_probe_errors_total", errors) >= 2,
-             30, "two failed probes")
+    wait_for(
+        lambda: exporter.sample("celery_exporter_queue_probe_errors_total", errors) >= 2,
+        30,
+        "two failed probes",
+    )
     assert length(exporter, "jobs") is None
     assert "celery_exporter_queue_probe_errors_total" in scrape(exporter.url)
 
@@ -158,13 +197,19 @@ def test_a_broker_that_is_down_counts_errors_and_the_daemon_keeps_serving(
 def test_a_scrape_answers_while_a_probe_hangs(scheme: str, exporters) -> None:
     silent = SilentServer()
     try:
-        exporter = InProcessExporter(["--broker-url", f"{scheme}://127.0.0.1:{silent.port}/",
-                                      "--queue-probe-timeout", "60", *POLL])
+        exporter = InProcessExporter(
+            [
+                "--broker-url",
+                f"{scheme}://127.0.0.1:{silent.port}/",
+                "--queue-probe-timeout",
+                "60",
+                *POLL,
+            ]
+        )
         exporters.append(exporter)
         # The event receiver and the probe both connected, and neither gets an answer.
         wait_for(lambda: len(silent.accepted) >= 2, 30, "the probe connecting")
         assert "celery_exporter_queue_probe_errors_total" in scrape(exporter.url)
-        assert exporter.sample("celery_exporter_queue_probe_errors_total",
-                               {"queue": "celery"}) == 0
+        assert exporter.sample("celery_exporter_queue_probe_errors_total", {"queue": "celery"}) == 0
     finally:
         silent.close()  # the hanging probe fails at once, so the exporter stops promptly

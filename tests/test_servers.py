@@ -34,8 +34,9 @@ def test_redis_publish_subscribe_round_trip(clean_redis: RedisServer) -> None:
 
 def test_redis_stop_and_start_keep_the_port(redis_server: RedisServer) -> None:
     port = redis_server.port
-    client = redis_server.client(socket_connect_timeout=1, socket_timeout=1,
-                                 retry=Retry(NoBackoff(), 0))
+    client = redis_server.client(
+        socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
     client.set("before", "1")
     redis_server.stop()
     assert not redis_server.running
@@ -50,12 +51,17 @@ def test_redis_stop_and_start_keep_the_port(redis_server: RedisServer) -> None:
 
 def test_rabbitmq_publish_and_consume(clean_rabbitmq: RabbitMQServer) -> None:
     assert clean_rabbitmq.port != 5672
-    queue = Queue(f"cee-test-{uuid.uuid4().hex[:8]}", Exchange("cee-test", type="direct"),
-                  routing_key="k", auto_delete=True)
+    queue = Queue(
+        f"cee-test-{uuid.uuid4().hex[:8]}",
+        Exchange("cee-test", type="direct"),
+        routing_key="k",
+        auto_delete=True,
+    )
     with Connection(clean_rabbitmq.url, connect_timeout=5) as connection:
         producer = connection.Producer()
-        producer.publish({"n": 1}, exchange=queue.exchange, routing_key="k",
-                         declare=[queue], serializer="json")
+        producer.publish(
+            {"n": 1}, exchange=queue.exchange, routing_key="k", declare=[queue], serializer="json"
+        )
         received: list[Any] = []
 
         def on_message(body: Any, message: kombu.Message) -> None:
@@ -79,8 +85,14 @@ def _event_queue(transport: str) -> Queue:
         exchange = Exchange("celeryev", type="fanout")
         return Queue(name, exchange, routing_key="#", auto_delete=True)
     exchange = Exchange("celeryev", type="topic")
-    return Queue(name, exchange, routing_key="#", auto_delete=True, durable=False,
-                 queue_arguments={"x-expires": 60000})
+    return Queue(
+        name,
+        exchange,
+        routing_key="#",
+        auto_delete=True,
+        durable=False,
+        queue_arguments={"x-expires": 60000},
+    )
 
 
 def _decode(message: kombu.Message) -> list[dict[str, Any]]:
@@ -107,7 +119,8 @@ def _wait_subscribed(connection: Connection, server: RedisServer) -> None:
 
 
 def test_a_real_worker_sends_task_events(
-    broker: RedisServer | RabbitMQServer, worker_factory: WorkerFactory,
+    broker: RedisServer | RabbitMQServer,
+    worker_factory: WorkerFactory,
 ) -> None:
     transport = "redis" if isinstance(broker, RedisServer) else "amqp"
     queue = _event_queue(transport)
@@ -132,11 +145,23 @@ def test_a_real_worker_sends_task_events(
             def succeeded() -> dict[str, Any] | None:
                 with contextlib.suppress(TimeoutError):
                     connection.drain_events(timeout=0.2)
-                return next((e for e in events if e.get("type") == "task-succeeded"
-                             and e.get("uuid") == result.id), None)
+                return next(
+                    (
+                        e
+                        for e in events
+                        if e.get("type") == "task-succeeded" and e.get("uuid") == result.id
+                    ),
+                    None,
+                )
 
-            event = wait_for(succeeded, 30, lambda: f"no task-succeeded for {result.id}; "
-                             f"event types seen: {sorted({e.get('type') for e in events})}")
+            event = wait_for(
+                succeeded,
+                30,
+                lambda: (
+                    f"no task-succeeded for {result.id}; "
+                    f"event types seen: {sorted({e.get('type') for e in events})}"
+                ),
+            )
     assert event["hostname"] == worker.hostname
     assert event["result"] == "5"
     types = {e.get("type") for e in events if e.get("uuid") == result.id}
@@ -162,11 +187,15 @@ def _alive(pid: int) -> bool:
 
 
 def test_kill_leaves_no_worker_process(
-    clean_redis: RedisServer, worker_factory: WorkerFactory,
+    clean_redis: RedisServer,
+    worker_factory: WorkerFactory,
 ) -> None:
     worker = worker_factory(clean_redis.url, concurrency=2)
-    pool = wait_for(lambda: len(_children(worker.pid)) >= 2 and _children(worker.pid), 10,
-                    "the prefork pool did not start")
+    pool = wait_for(
+        lambda: len(_children(worker.pid)) >= 2 and _children(worker.pid),
+        10,
+        "the prefork pool did not start",
+    )
     assert worker.hostname == worker.name.replace("%h", socket.gethostname())
     worker.kill()
     assert not worker.running
@@ -179,8 +208,9 @@ def test_fresh_vhost_is_empty_and_usable(fresh_vhost: str, rabbitmq_server: Rabb
     name = f"cee-test-{uuid.uuid4().hex[:8]}"
     queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
     with Connection(fresh_vhost, connect_timeout=5) as connection:
-        connection.Producer().publish({"n": 1}, exchange=queue.exchange, routing_key=name,
-                                      declare=[queue], serializer="json")
+        connection.Producer().publish(
+            {"n": 1}, exchange=queue.exchange, routing_key=name, declare=[queue], serializer="json"
+        )
     vhost = fresh_vhost.rsplit("/", 1)[1]
     assert rabbitmq_server.queues(vhost) == [name]
     assert name not in rabbitmq_server.queues("/")

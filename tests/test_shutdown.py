@@ -29,8 +29,9 @@ def stop_and_time(exporter: ExporterProcess, signum: int) -> None:
         status = exporter.process.wait(DEADLINE)
     except subprocess.TimeoutExpired:
         exporter.stop(signal.SIGKILL)
-        raise AssertionError(f"still running {DEADLINE:g} s after "
-                             f"{signal.Signals(signum).name}:\n{exporter.log()}") from None
+        raise AssertionError(
+            f"still running {DEADLINE:g} s after {signal.Signals(signum).name}:\n{exporter.log()}"
+        ) from None
     took = time.monotonic() - started
     log = exporter.log()
     exporter.stop()
@@ -46,13 +47,13 @@ def connected(exporter: ExporterProcess) -> bool:
 
 def exporter_queues(server: RabbitMQServer, vhost: str) -> list[str]:
     listing = server.ctl("list_queues", "-p", vhost, "-q", "--no-table-headers", "name")
-    return [name for name in listing.split() if name.startswith("celeryev.")
-            and ".exporter." in name]
+    return [
+        name for name in listing.split() if name.startswith("celeryev.") and ".exporter." in name
+    ]
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
-def test_stop_on_rabbitmq_removes_the_queue(rabbitmq_server: RabbitMQServer,
-                                           signum: int) -> None:
+def test_stop_on_rabbitmq_removes_the_queue(rabbitmq_server: RabbitMQServer, signum: int) -> None:
     vhost = f"shutdown-{signal.Signals(signum).name.lower()}"
     url = rabbitmq_server.add_vhost(vhost)
     exporter = ExporterProcess(["--broker-url", url])
@@ -69,8 +70,11 @@ def test_stop_on_rabbitmq_removes_the_queue(rabbitmq_server: RabbitMQServer,
 
 def pubsub_clients(server: RedisServer) -> int:
     with server.client() as client:
-        return sum(1 for entry in client.client_list()
-                   if int(entry.get("psub", 0)) or int(entry.get("sub", 0)))
+        return sum(
+            1
+            for entry in client.client_list()
+            if int(entry.get("psub", 0)) or int(entry.get("sub", 0))
+        )
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
@@ -93,8 +97,11 @@ def test_stop_while_the_broker_is_away() -> None:
         exporter = ExporterProcess(["--broker-url", server.url])
         try:
             exporter.wait_serving()
-            wait_for(lambda: "reconnecting with backoff" in exporter.log(), 10,
-                     "no connection attempt logged")
+            wait_for(
+                lambda: "reconnecting with backoff" in exporter.log(),
+                10,
+                "no connection attempt logged",
+            )
             stop_and_time(exporter, signal.SIGTERM)
         finally:
             exporter.stop(signal.SIGKILL)
@@ -103,8 +110,16 @@ def test_stop_while_the_broker_is_away() -> None:
 def test_stop_while_a_queue_probe_hangs() -> None:
     """A broker that accepts and never answers holds a probe thread, not the stop."""
     silent = SilentServer()
-    exporter = ExporterProcess(["--broker-url", f"redis://127.0.0.1:{silent.port}/0",
-                                "--queue-probe-timeout", "60", "--queue-poll-interval", "1"])
+    exporter = ExporterProcess(
+        [
+            "--broker-url",
+            f"redis://127.0.0.1:{silent.port}/0",
+            "--queue-probe-timeout",
+            "60",
+            "--queue-poll-interval",
+            "1",
+        ]
+    )
     try:
         exporter.wait_serving()
         wait_for(lambda: len(silent.accepted) >= 2, 30, "the receiver and the probe connecting")

@@ -87,13 +87,20 @@ def _spans(request: ExportTraceServiceRequest) -> Iterator[Span]:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 yield Span(
-                    name=span.name, trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
-                    parent_id=span.parent_span_id.hex(), kind=span.kind,
-                    start=span.start_time_unix_nano, end=span.end_time_unix_nano,
+                    name=span.name,
+                    trace_id=span.trace_id.hex(),
+                    span_id=span.span_id.hex(),
+                    parent_id=span.parent_span_id.hex(),
+                    kind=span.kind,
+                    start=span.start_time_unix_nano,
+                    end=span.end_time_unix_nano,
                     attributes=_attributes(span.attributes),
-                    events=tuple((e.name, e.time_unix_nano, _attributes(e.attributes))
-                                 for e in span.events),
-                    status=(span.status.code, span.status.message), resource=resource)
+                    events=tuple(
+                        (e.name, e.time_unix_nano, _attributes(e.attributes)) for e in span.events
+                    ),
+                    status=(span.status.code, span.status.message),
+                    resource=resource,
+                )
 
 
 @pytest.fixture
@@ -106,11 +113,18 @@ def collector() -> Iterator[OtlpReceiver]:
 def _traced_exporter(broker_url: str, receiver: OtlpReceiver, *argv: str) -> ExporterProcess:
     process = ExporterProcess(
         ["--broker-url", broker_url, "--otlp-traces", *argv],
-        env={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
-             "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_SERVICE_NAME": "billing"})
+        env={
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_SERVICE_NAME": "billing",
+        },
+    )
     process.wait_serving()
-    wait_for(lambda: process.sample("celery_exporter_broker_connected") == 1, timeout=20,
-             message=f"exporter never connected:\n{process.log()}")
+    wait_for(
+        lambda: process.sample("celery_exporter_broker_connected") == 1,
+        timeout=20,
+        message=f"exporter never connected:\n{process.log()}",
+    )
     return process
 
 
@@ -122,29 +136,44 @@ def _hex(task_id: str) -> str:
     return uuid.UUID(task_id).hex
 
 
-def test_workflows_become_trees_of_spans(clean_redis: Any, collector: OtlpReceiver,
-                                         worker_factory: Callable[..., Any]) -> None:
+def test_workflows_become_trees_of_spans(
+    clean_redis: Any, collector: OtlpReceiver, worker_factory: Callable[..., Any]
+) -> None:
     unsampled = OtlpReceiver()
     traced = _traced_exporter(clean_redis.url, collector)
     dropped = _traced_exporter(clean_redis.url, unsampled, "--trace-sample-ratio", "0")
     try:
         worker = worker_factory(clean_redis.url)
-        wait_for(lambda: traced.sample("celery_worker_up", {"hostname": worker.hostname}) == 1
-                 and dropped.sample("celery_worker_up", {"hostname": worker.hostname}) == 1,
-                 timeout=30, message="no heartbeat from the worker")
+        wait_for(
+            lambda: (
+                traced.sample("celery_worker_up", {"hostname": worker.hostname}) == 1
+                and dropped.sample("celery_worker_up", {"hostname": worker.hostname}) == 1
+            ),
+            timeout=30,
+            message="no heartbeat from the worker",
+        )
         app = make_app(clean_redis.url)
         first, second = _ids(2)
-        chain(app.signature("tests.add", (1, 2)).set(task_id=first),
-              app.signature("tests.add", (3,)).set(task_id=second)).apply_async()
+        chain(
+            app.signature("tests.add", (1, 2)).set(task_id=first),
+            app.signature("tests.add", (3,)).set(task_id=second),
+        ).apply_async()
         head, left, right = _ids(3)
-        chain(app.signature("tests.add", (1, 1)).set(task_id=head),
-              group(app.signature("tests.add", (10,)).set(task_id=left),
-                    app.signature("tests.add", (20,)).set(task_id=right))).apply_async()
+        chain(
+            app.signature("tests.add", (1, 1)).set(task_id=head),
+            group(
+                app.signature("tests.add", (10,)).set(task_id=left),
+                app.signature("tests.add", (20,)).set(task_id=right),
+            ),
+        ).apply_async()
         failing = str(uuid.uuid4())
         app.send_task("tests.fail", ("boom",), task_id=failing)
         everything = {first, second, head, left, right, failing}
-        wait_for(lambda: everything <= collector.by_id().keys(), timeout=60,
-                 message=f"spans missing: {everything - collector.by_id().keys()}")
+        wait_for(
+            lambda: everything <= collector.by_id().keys(),
+            timeout=60,
+            message=f"spans missing: {everything - collector.by_id().keys()}",
+        )
         assert traced.stop() == 0
         assert dropped.stop() == 0  # stopping flushes: anything sampled would be sent by now
     finally:
@@ -199,14 +228,21 @@ def test_workflows_become_trees_of_spans(clean_redis: Any, collector: OtlpReceiv
     assert failure.start <= failure.events[0][1] <= failure.events[1][1] <= failure.end
 
 
-def _scene(max_tracked_tasks: int = 100, ratio: float = 1.0) -> tuple[Tracker,
-                                                                      InMemorySpanExporter]:
+def _scene(
+    max_tracked_tasks: int = 100, ratio: float = 1.0
+) -> tuple[Tracker, InMemorySpanExporter]:
     memory = InMemorySpanExporter()
     exporter = tracing.ReadableSpanExporter(memory, *tracing.origin())
     spans = tracing.Spans(SimpleSpanProcessor(exporter), ratio)
-    tracker = Tracker(Metrics(), max_tracked_tasks=max_tracked_tasks, default_queue="celery",
-                      worker_timeout=30, purge_offline_after=600, max_label_values=100,
-                      spans=spans)
+    tracker = Tracker(
+        Metrics(),
+        max_tracked_tasks=max_tracked_tasks,
+        default_queue="celery",
+        worker_timeout=30,
+        purge_offline_after=600,
+        max_label_values=100,
+        spans=spans,
+    )
     return tracker, memory
 
 
@@ -218,8 +254,13 @@ def _feed(tracker: Tracker, *events: dict) -> None:
 def test_a_task_evicted_unfinished_ends_incomplete() -> None:
     tracker, memory = _scene(max_tracked_tasks=2)
     a, b, c = _ids(3)
-    _feed(tracker, sent(a, "app.slow", "batch", 100.0), received(a, "app.slow", 100.5),
-          started(a, 101.0), sent(b, "app.add", "celery", 102.0))
+    _feed(
+        tracker,
+        sent(a, "app.slow", "batch", 100.0),
+        received(a, "app.slow", 100.5),
+        started(a, 101.0),
+        sent(b, "app.add", "celery", 102.0),
+    )
     assert memory.get_finished_spans() == ()
     _feed(tracker, sent(c, "app.add", "celery", 103.0))  # the table is full: a goes
 
@@ -238,11 +279,15 @@ def test_retries_are_events_of_one_span_without_sent_events() -> None:
     tracker, memory = _scene()
     task, parent = _ids(2)
     lineage = {"root_id": parent, "parent_id": parent}
-    _feed(tracker,
-          received(task, "app.flaky", 10.0, **lineage), started(task, 10.5),
-          event("task-retried", 11.0, uuid=task, exception="RuntimeError('later')"),
-          received(task, "app.flaky", 11.2, retries=1, **lineage), started(task, 12.0),
-          failed(task, 13.0, "KeyError('x')"))
+    _feed(
+        tracker,
+        received(task, "app.flaky", 10.0, **lineage),
+        started(task, 10.5),
+        event("task-retried", 11.0, uuid=task, exception="RuntimeError('later')"),
+        received(task, "app.flaky", 11.2, retries=1, **lineage),
+        started(task, 12.0),
+        failed(task, 13.0, "KeyError('x')"),
+    )
 
     (span,) = memory.get_finished_spans()
     assert span.start_time == 10_000_000_000
@@ -253,10 +298,19 @@ def test_retries_are_events_of_one_span_without_sent_events() -> None:
     assert span.attributes["celery.queue_wait_seconds"] == 0.5
     assert span.attributes["celery.run_seconds"] == 1.0
     assert [event.name for event in span.events] == [
-        "received", "started", "retry", "received", "started", "exception"]
+        "received",
+        "started",
+        "retry",
+        "received",
+        "started",
+        "exception",
+    ]
     retry = span.events[2].attributes
     assert (retry["exception.type"], retry["exception.message"], retry["celery.retries"]) == (
-        "RuntimeError", "later", 1)
+        "RuntimeError",
+        "later",
+        1,
+    )
     assert span.status.description == "KeyError: x"
 
 
@@ -265,15 +319,24 @@ def test_a_redelivery_seen_before_its_retry_keeps_every_delivery_in_order() -> N
     task = str(uuid.uuid4())
     # The worker's pool process sends task-retried; the redelivery's task-received,
     # from the worker itself, can overtake it.
-    _feed(tracker, received(task, "app.flaky", 10.0), started(task, 10.5),
-          received(task, "app.flaky", 11.2, retries=1),
-          event("task-retried", 11.0, uuid=task, exception="RuntimeError('later')"),
-          started(task, 12.0), succeeded(task, 13.0, runtime=1.0))
+    _feed(
+        tracker,
+        received(task, "app.flaky", 10.0),
+        started(task, 10.5),
+        received(task, "app.flaky", 11.2, retries=1),
+        event("task-retried", 11.0, uuid=task, exception="RuntimeError('later')"),
+        started(task, 12.0),
+        succeeded(task, 13.0, runtime=1.0),
+    )
 
     (span,) = memory.get_finished_spans()
     assert [(event.name, event.timestamp) for event in span.events] == [
-        ("received", 10_000_000_000), ("started", 10_500_000_000), ("retry", 11_000_000_000),
-        ("received", 11_200_000_000), ("started", 12_000_000_000)]
+        ("received", 10_000_000_000),
+        ("started", 10_500_000_000),
+        ("retry", 11_000_000_000),
+        ("received", 11_200_000_000),
+        ("started", 12_000_000_000),
+    ]
     assert span.attributes["celery.retries"] == 1
     assert span.attributes["celery.queue_wait_seconds"] == 0.5  # to the first start
     assert span.attributes["celery.run_seconds"] == 1.0  # from the last start
@@ -286,9 +349,13 @@ def test_sampling_keeps_or_drops_whole_workflows_the_same_everywhere() -> None:
         tracker, memory = _scene(ratio=0.5)
         for n in range(200):
             root, child = f"root-{n}", f"child-{n}"
-            _feed(tracker, sent(root, "app.a", "celery", 1.0),
-                  sent(child, "app.b", "celery", 2.0, root_id=root, parent_id=root),
-                  succeeded(root, 3.0, runtime=1.0), succeeded(child, 4.0, runtime=1.0))
+            _feed(
+                tracker,
+                sent(root, "app.a", "celery", 1.0),
+                sent(child, "app.b", "celery", 2.0, root_id=root, parent_id=root),
+                succeeded(root, 3.0, runtime=1.0),
+                succeeded(child, 4.0, runtime=1.0),
+            )
         names = [span.attributes["messaging.message.id"] for span in memory.get_finished_spans()]
         roots = {name.split("-")[1] for name in names if name.startswith("root")}
         assert roots == {name.split("-")[1] for name in names if name.startswith("child")}
@@ -310,15 +377,26 @@ class _Recorder(SpanExporter):
 
 def test_the_wire_encoding_is_what_the_sdk_encoder_produces() -> None:
     recorder = _Recorder()
-    tracker = Tracker(Metrics(), max_tracked_tasks=10, default_queue="celery", worker_timeout=30,
-                      purge_offline_after=600, max_label_values=100,
-                      spans=tracing.Spans(SimpleSpanProcessor(recorder)))
+    tracker = Tracker(
+        Metrics(),
+        max_tracked_tasks=10,
+        default_queue="celery",
+        worker_timeout=30,
+        purge_offline_after=600,
+        max_label_values=100,
+        spans=tracing.Spans(SimpleSpanProcessor(recorder)),
+    )
     a, b = _ids(2)
-    _feed(tracker, sent(a, "app.add", "celery", 1.0), received(a, "app.add", 1.5),
-          started(a, 2.0), succeeded(a, 3.0, runtime=1.0),
-          sent(b, "app.fail", None, 4.0, root_id=a, parent_id=a),
-          event("task-retried", 4.5, uuid=b, exception="OSError(-1)"),
-          failed(b, 5.0, "ValueError('ünïcode')"))
+    _feed(
+        tracker,
+        sent(a, "app.add", "celery", 1.0),
+        received(a, "app.add", 1.5),
+        started(a, 2.0),
+        succeeded(a, 3.0, runtime=1.0),
+        sent(b, "app.fail", None, 4.0, root_id=a, parent_id=a),
+        event("task-retried", 4.5, uuid=b, exception="OSError(-1)"),
+        failed(b, 5.0, "ValueError('ünïcode')"),
+    )
     traces = recorder.traces
     resource, scope = tracing.origin()
     expected = encode_spans([tracing.readable_span(trace, resource, scope) for trace in traces])
@@ -331,36 +409,63 @@ def test_the_wire_encoding_is_what_the_sdk_encoder_produces() -> None:
 
 
 def test_standard_environment_variables_choose_the_destination() -> None:
-    sender = otlp.HttpSender({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
-                              "OTEL_EXPORTER_OTLP_HEADERS":
-                                  "x-team=billing,authorization=Bearer%20t",
-                              "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2500",
-                              "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"})
+    sender = otlp.HttpSender(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-team=billing,authorization=Bearer%20t",
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2500",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+        }
+    )
     assert sender.endpoint == "http://collector:4318/v1/traces"
-    assert sender.headers == {"Content-Type": "application/x-protobuf", "x-team": "billing",
-                              "authorization": "Bearer t", "Content-Encoding": "gzip"}
+    assert sender.headers == {
+        "Content-Type": "application/x-protobuf",
+        "x-team": "billing",
+        "authorization": "Bearer t",
+        "Content-Encoding": "gzip",
+    }
     assert sender.timeout == 2.5
-    traces = otlp.HttpSender({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
-                              "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://tempo:4318/otlp"})
+    traces = otlp.HttpSender(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://tempo:4318/otlp",
+        }
+    )
     assert traces.endpoint == "http://tempo:4318/otlp"
     assert otlp.HttpSender({}).endpoint == "http://localhost:4318/v1/traces"
 
 
 def test_gzip_batches_reach_the_collector(collector: OtlpReceiver) -> None:
-    spans = tracing.build(1.0, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.endpoint,
-                                "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip"})
-    tracker = Tracker(Metrics(), max_tracked_tasks=10, default_queue="celery", worker_timeout=30,
-                      purge_offline_after=600, max_label_values=100, spans=spans)
+    spans = tracing.build(
+        1.0,
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.endpoint,
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip",
+        },
+    )
+    tracker = Tracker(
+        Metrics(),
+        max_tracked_tasks=10,
+        default_queue="celery",
+        worker_timeout=30,
+        purge_offline_after=600,
+        max_label_values=100,
+        spans=spans,
+    )
     a = str(uuid.uuid4())
     _feed(tracker, sent(a, "app.add", "celery", 1.0), succeeded(a, 2.0, runtime=1.0))
     spans.close()
     (span,) = collector.spans
     assert (span.name, span.trace_id, span.resource["service.name"]) == (
-        "app.add", _hex(a), "celery")
+        "app.add",
+        _hex(a),
+        "celery",
+    )
 
 
 def test_batches_share_a_connection_and_one_the_collector_closed_loses_nothing(
-        collector: OtlpReceiver) -> None:
+    collector: OtlpReceiver,
+) -> None:
     sender = otlp.HttpSender({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.endpoint})
     resource, scope = tracing.origin()
     body = otlp.Encoder(resource.attributes, scope.name, scope.version).encode([])
@@ -373,14 +478,27 @@ def test_batches_share_a_connection_and_one_the_collector_closed_loses_nothing(
     sender.close()
 
 
-def _start(argv: list[str], env: dict[str, str] | None = None,
-           prelude: str = "") -> subprocess.CompletedProcess:
+def _start(
+    argv: list[str], env: dict[str, str] | None = None, prelude: str = ""
+) -> subprocess.CompletedProcess:
     """The CLI in a child process that must stop at once, before any broker is reached."""
     code = f"import sys\n{prelude}\nfrom exporter.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run(
-        [sys.executable, "-c", code, "--broker-url", "redis://127.0.0.1:9/0", "--otlp-traces",
-         *argv], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **(env or {})},
-        capture_output=True, text=True, timeout=30)
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--broker-url",
+            "redis://127.0.0.1:9/0",
+            "--otlp-traces",
+            *argv,
+        ],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_without_the_opentelemetry_packages_the_start_stops_clearly() -> None:
@@ -388,20 +506,34 @@ def test_without_the_opentelemetry_packages_the_start_stops_clearly() -> None:
     assert result.returncode == 2
     assert result.stderr == (
         "celery-events-exporter: error: otlp_traces: needs the OpenTelemetry packages "
-        "(opentelemetry.sdk is missing): pip install 'celery-events-exporter[tracing]'\n")
+        "(opentelemetry.sdk is missing): pip install 'celery-events-exporter[tracing]'\n"
+    )
 
 
-@pytest.mark.parametrize(("variable", "value", "message"), [
-    ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc",
-     "otlp_traces: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc needs "
-     "opentelemetry-exporter-otlp-proto-grpc: pip install opentelemetry-exporter-otlp-proto-grpc"),
-    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json",
-     "otlp_traces: OTEL_EXPORTER_OTLP_PROTOCOL: expected one of http/protobuf, grpc, got "
-     "'http/json'"),
-    ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318",
-     "otlp_traces: the OTLP endpoint must be an http:// or https:// URL, got "
-     "'collector:4318/v1/traces'"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "grpc",
+            "otlp_traces: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc needs "
+            "opentelemetry-exporter-otlp-proto-grpc: "
+            "pip install opentelemetry-exporter-otlp-proto-grpc",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "http/json",
+            "otlp_traces: OTEL_EXPORTER_OTLP_PROTOCOL: expected one of http/protobuf, grpc, got "
+            "'http/json'",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "collector:4318",
+            "otlp_traces: the OTLP endpoint must be an http:// or https:// URL, got "
+            "'collector:4318/v1/traces'",
+        ),
+    ],
+)
 def test_an_unusable_protocol_stops_the_start(variable: str, value: str, message: str) -> None:
     result = _start([], env={variable: value})
     assert result.returncode == 2

@@ -55,16 +55,24 @@ def test_the_landing_page_masks_the_password(exporter_without_broker: InProcessE
 
 
 def test_metrics_come_gzipped_when_asked(exporter_without_broker: InProcessExporter) -> None:
-    request = urllib.request.Request(exporter_without_broker.url + "/metrics",
-                                     headers={"Accept-Encoding": "gzip"})
+    request = urllib.request.Request(
+        exporter_without_broker.url + "/metrics", headers={"Accept-Encoding": "gzip"}
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.headers["Content-Encoding"] == "gzip"
 
 
 def _status_at(connected: bool, last_event_at: float | None) -> Status:
-    return Status(broker="redis://r/0", connected=connected, alive=True, last_error="",
-                  started_at=1000.0, events_received=0, last_event_at=last_event_at,
-                  workers=(WorkerStatus("celery@w1", True, 1990.0, "5.7.0"),))
+    return Status(
+        broker="redis://r/0",
+        connected=connected,
+        alive=True,
+        last_error="",
+        started_at=1000.0,
+        events_received=0,
+        last_event_at=last_event_at,
+        workers=(WorkerStatus("celery@w1", True, 1990.0, "5.7.0"),),
+    )
 
 
 def test_a_quiet_stream_is_diagnosed() -> None:

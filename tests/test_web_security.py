@@ -46,43 +46,72 @@ def _name(common_name: str) -> x509.Name:
 Issuer = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
 
-def make_party(directory: Path, name: str, issuer: Issuer | None, *,
-               server: bool = False) -> tuple[Party, x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_party(
+    directory: Path, name: str, issuer: Issuer | None, *, server: bool = False
+) -> tuple[Party, x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A CA (no issuer), or a server or client certificate signed by ``issuer``."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(name)).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1)))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
     if issuer is None:
-        builder = builder.issuer_name(_name(name)).add_extension(
-            x509.BasicConstraints(ca=True, path_length=None), critical=True).add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, encipher_only=False,
-                          decipher_only=False), critical=True)
+        builder = (
+            builder.issuer_name(_name(name))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+        )
         signer = key
     else:
         issuer_cert, signer = issuer
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.issuer_name(issuer_cert.subject).add_extension(
-            x509.BasicConstraints(ca=False, path_length=None), critical=True).add_extension(
-            x509.ExtendedKeyUsage([usage]), critical=False).add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key()),
-            critical=False)
+        builder = (
+            builder.issuer_name(issuer_cert.subject)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key()),
+                critical=False,
+            )
+        )
         if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-    builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                                    critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+    builder = builder.add_extension(
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+    )
     cert = builder.sign(signer, hashes.SHA256())
     party = Party(directory / f"{name}.crt", directory / f"{name}.key", cert.serial_number)
     party.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    party.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                            serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
+    party.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return party, cert, key
 
 
@@ -119,12 +148,19 @@ def write_config(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def tls_section(pki: PKI, client_auth: str = "NoClientCert", *, server: Party | None = None,
-                min_version: str = "TLS12") -> str:
+def tls_section(
+    pki: PKI,
+    client_auth: str = "NoClientCert",
+    *,
+    server: Party | None = None,
+    min_version: str = "TLS12",
+) -> str:
     server = server or pki.server
     ca = f"  client_ca_file: {pki.ca.cert}\n" if client_auth != "NoClientCert" else ""
-    return (f"tls_server_config:\n  cert_file: {server.cert}\n  key_file: {server.key}\n"
-            f"  client_auth_type: {client_auth}\n  min_version: {min_version}\n{ca}")
+    return (
+        f"tls_server_config:\n  cert_file: {server.cert}\n  key_file: {server.key}\n"
+        f"  client_auth_type: {client_auth}\n  min_version: {min_version}\n{ca}"
+    )
 
 
 def client_context(pki: PKI, party: Party | None = None) -> ssl.SSLContext:
@@ -142,11 +178,13 @@ class Reply:
     peer_serial: int
 
 
-def get(port: int, path: str, context: ssl.SSLContext | None,
-        auth: tuple[str, str] | None = None) -> Reply:
+def get(
+    port: int, path: str, context: ssl.SSLContext | None, auth: tuple[str, str] | None = None
+) -> Reply:
     if context is None:
         connection: http.client.HTTPConnection = http.client.HTTPConnection(
-            "127.0.0.1", port, timeout=10)
+            "127.0.0.1", port, timeout=10
+        )
     else:
         connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
     headers = {}
@@ -170,8 +208,9 @@ def exporters():
     started: list[InProcessExporter] = []
 
     def start(web_config: Path) -> InProcessExporter:
-        exporter = InProcessExporter(["--broker-url", NO_BROKER,
-                                      "--web-config-file", str(web_config)])
+        exporter = InProcessExporter(
+            ["--broker-url", NO_BROKER, "--web-config-file", str(web_config)]
+        )
         started.append(exporter)
         return exporter
 
@@ -207,8 +246,7 @@ def test_basic_auth_over_tls(pki: PKI, tmp_path: Path, exporters) -> None:
 
 
 @pytest.mark.parametrize("client_auth", ["RequireAndVerifyClientCert", "RequireAnyClientCert"])
-def test_client_certificate_required(pki: PKI, tmp_path: Path, exporters,
-                                     client_auth: str) -> None:
+def test_client_certificate_required(pki: PKI, tmp_path: Path, exporters, client_auth: str) -> None:
     path = tmp_path / "web.yml"
     write_config(path, tls_section(pki, client_auth))
     exporter = exporters(path)
@@ -254,8 +292,9 @@ def test_basic_auth_without_tls(tmp_path: Path, exporters) -> None:
     assert get(exporter.port, "/healthz", None).status == 200
 
 
-def test_changes_apply_without_restart(pki: PKI, tmp_path: Path, exporters,
-                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_changes_apply_without_restart(
+    pki: PKI, tmp_path: Path, exporters, caplog: pytest.LogCaptureFixture
+) -> None:
     from tests.servers import wait_for
 
     path = tmp_path / "web.yml"
@@ -266,15 +305,23 @@ def test_changes_apply_without_restart(pki: PKI, tmp_path: Path, exporters,
 
     # A new password: the old one is refused and the new one accepted, same process.
     write_config(path, tls_section(pki) + f"basic_auth_users:\n  prom: {bcrypt_hash('new')}\n")
-    wait_for(lambda: get(exporter.port, "/metrics", context, ("prom", "old")).status == 401,
-             10, "the old password still works after the change")
+    wait_for(
+        lambda: get(exporter.port, "/metrics", context, ("prom", "old")).status == 401,
+        10,
+        "the old password still works after the change",
+    )
     assert get(exporter.port, "/metrics", context, ("prom", "new")).status == 200
 
     # A new server certificate: new connections are served with it.
-    write_config(path, tls_section(pki, server=pki.server2)
-                 + f"basic_auth_users:\n  prom: {bcrypt_hash('new')}\n")
-    wait_for(lambda: get(exporter.port, "/healthz", context).peer_serial == pki.server2.serial,
-             10, "the new server certificate is not in use")
+    write_config(
+        path,
+        tls_section(pki, server=pki.server2) + f"basic_auth_users:\n  prom: {bcrypt_hash('new')}\n",
+    )
+    wait_for(
+        lambda: get(exporter.port, "/healthz", context).peer_serial == pki.server2.serial,
+        10,
+        "the new server certificate is not in use",
+    )
 
     # A broken change is logged once and the configuration in force stays. Files are
     # looked at when connections arrive, so the probe below is what finds the change.
@@ -314,11 +361,13 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.parametrize("key", list(BAD_CONFIGS))
-def test_a_bad_web_config_stops_the_start(pki: PKI, tmp_path: Path, key: str,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_web_config_stops_the_start(
+    pki: PKI, tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "web.yml"
-    path.write_text(BAD_CONFIGS[key].format(cert=pki.server.cert, key=pki.server.key,
-                                            ca=pki.ca.cert))
+    path.write_text(
+        BAD_CONFIGS[key].format(cert=pki.server.cert, key=pki.server.key, ca=pki.ca.cert)
+    )
     status = cli.main(["--broker-url", NO_BROKER, "--web-config-file", str(path)])
     error = capsys.readouterr().err
     assert status == 2
@@ -326,15 +375,15 @@ def test_a_bad_web_config_stops_the_start(pki: PKI, tmp_path: Path, key: str,
     assert error.startswith(f"celery-events-exporter: error: web_config_file: {key}:")
 
 
-def test_verified_credentials_are_cached(monkeypatch: pytest.MonkeyPatch,
-                                         tmp_path: Path) -> None:
+def test_verified_credentials_are_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     path = tmp_path / "web.yml"
     path.write_text(f"basic_auth_users:\n  prom: {bcrypt_hash('pw')}\n")
     config = webconfig.load(str(path))
     checks = []
     real_checkpw = bcrypt.checkpw
-    monkeypatch.setattr(webconfig.bcrypt, "checkpw",
-                        lambda *args: checks.append(1) or real_checkpw(*args))
+    monkeypatch.setattr(
+        webconfig.bcrypt, "checkpw", lambda *args: checks.append(1) or real_checkpw(*args)
+    )
 
     def header(user: str, password: str) -> str:
         return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -14,8 +14,12 @@ def test_heartbeat_sets_the_worker_gauges() -> None:
     assert scene.value("celery_worker_last_heartbeat_timestamp_seconds", **W1) == 1000.0
     assert scene.value("celery_worker_tasks_active", **W1) == 3
     assert scene.value("celery_worker_tasks_processed_total", **W1) == 120
-    assert scene.value("celery_worker_info", sw_ident="py-celery", sw_ver="5.7.0",
-                       sw_sys="Linux", **W1) == 1
+    assert (
+        scene.value(
+            "celery_worker_info", sw_ident="py-celery", sw_ver="5.7.0", sw_sys="Linux", **W1
+        )
+        == 1
+    )
 
 
 def test_silence_past_the_timeout_means_down_whatever_the_worker_clock_says() -> None:
@@ -32,15 +36,21 @@ def test_silence_past_the_timeout_means_down_whatever_the_worker_clock_says() ->
 
 def test_a_silent_worker_loses_all_its_series_after_the_purge_delay() -> None:
     scene = Scene(worker_timeout=30.0, purge_offline_after=600.0)
-    scene.feed(heartbeat("celery@w1", 1000.0), received("a", "app.add", 1000.0),
-               succeeded("a", 1001.0, 0.5), arrival=1000.0)
+    scene.feed(
+        heartbeat("celery@w1", 1000.0),
+        received("a", "app.add", 1000.0),
+        succeeded("a", 1001.0, 0.5),
+        arrival=1000.0,
+    )
     scene.tracker.tick(1599.0)
     assert scene.value("celery_worker_up", **W1) == 0
-    assert scene.value("celery_task_succeeded_total", name="app.add", queue="celery",
-                       **W1) == 1
+    assert scene.value("celery_task_succeeded_total", name="app.add", queue="celery", **W1) == 1
     scene.tracker.tick(1601.0)
-    families = {sample.labels.get("hostname") for family in scene.registry.collect()
-                for sample in family.samples}
+    families = {
+        sample.labels.get("hostname")
+        for family in scene.registry.collect()
+        for sample in family.samples
+    }
     assert "celery@w1" not in families
     assert scene.tracker.workers.workers == {}
 
@@ -58,7 +68,15 @@ def test_changed_software_replaces_the_info_series() -> None:
     scene = Scene()
     scene.feed(heartbeat("celery@w1", 1.0))
     scene.feed({**heartbeat("celery@w1", 2.0), "sw_ver": "5.8.0"})
-    assert scene.value("celery_worker_info", sw_ident="py-celery", sw_ver="5.7.0",
-                       sw_sys="Linux", **W1) is None
-    assert scene.value("celery_worker_info", sw_ident="py-celery", sw_ver="5.8.0",
-                       sw_sys="Linux", **W1) == 1
+    assert (
+        scene.value(
+            "celery_worker_info", sw_ident="py-celery", sw_ver="5.7.0", sw_sys="Linux", **W1
+        )
+        is None
+    )
+    assert (
+        scene.value(
+            "celery_worker_info", sw_ident="py-celery", sw_ver="5.8.0", sw_sys="Linux", **W1
+        )
+        == 1
+    )

@@ -64,7 +64,8 @@ class CeleryWorker:
         self.queues = tuple(queues)
         if log_dir is None:
             self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
-                prefix="cee-worker-")
+                prefix="cee-worker-"
+            )
             log_dir = Path(self._tmp.name)
         else:
             self._tmp = None
@@ -72,15 +73,28 @@ class CeleryWorker:
         safe = self._hostname.replace("@", "_").replace("/", "_")
         self.log_path = log_dir / f"{safe}.log"
         self.argv = [
-            sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.celery_app",
+            "worker",
             *(["-E"] if events else []),
-            "--pool", pool, "--concurrency", str(concurrency),
-            "-Q", ",".join(self.queues), "-n", self.name,
-            "--without-mingle", "--without-gossip", "--loglevel", "INFO",
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "-Q",
+            ",".join(self.queues),
+            "-n",
+            self.name,
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "INFO",
             *extra_args,
         ]
-        pythonpath = os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         child_env = {
             **os.environ,
             "TEST_BROKER_URL": broker_url,
@@ -91,8 +105,13 @@ class CeleryWorker:
         }
         self._log: IO[bytes] | None = open(self.log_path, "ab")  # noqa: SIM115 - closed on exit
         self.process = subprocess.Popen(
-            self.argv, cwd=ROOT, env=child_env, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.argv,
+            cwd=ROOT,
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.pgid = self.process.pid  # start_new_session: the worker leads its own group
         self._guard: GroupGuard | None = GroupGuard(self.pgid)
@@ -130,11 +149,13 @@ class CeleryWorker:
             if not self.running:
                 raise RuntimeError(
                     f"worker {self._hostname} exited with {self.process.returncode} before "
-                    f"it was ready; log tail:\n{self.log_tail()}")
+                    f"it was ready; log tail:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f"worker {self._hostname} not ready after {timeout:g}s; log tail:\n"
-                    f"{self.log_tail()}")
+                    f"{self.log_tail()}"
+                )
             time.sleep(0.05)
         return self
 
@@ -182,5 +203,9 @@ class WorkerFactory(Protocol):
     """
 
     def __call__(
-        self, broker_url: str, *, ready_timeout: float = READY_TIMEOUT, **options: Any,
+        self,
+        broker_url: str,
+        *,
+        ready_timeout: float = READY_TIMEOUT,
+        **options: Any,
     ) -> CeleryWorker: ...
