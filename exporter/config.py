@@ -263,8 +263,10 @@ class Config:
         metavar="SECONDS",
     )
     purge_offline_after: float = option(
-        600.0,
-        "Seconds without a heartbeat before all of a worker's series are removed.",
+        86400.0,
+        "Seconds a worker that vanished without worker-offline stays down (celery_worker_up "
+        "0) before all of its series are removed; workers that said goodbye go after "
+        "--worker-timeout.",
         group=WORKERS,
         parse=_number(1.0),
         metavar="SECONDS",

@@ -8,7 +8,7 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from . import __version__, redis_pubsub
 from .config import Config
@@ -56,6 +56,9 @@ class Daemon:
             metrics.counter("celery_exporter_events_invalid_total").inc((reason,), 0)
         registry = Registry()
         registry.register(metrics)
+        # The process's own CPU, memory and descriptors, as every Python exporter serves them.
+        registry.register(ProcessCollector(registry=None))
+        registry.register(PlatformCollector(registry=None))
         health = Health(metrics, config.masked_broker_url())
         tracker = Tracker(
             metrics,

@@ -75,6 +75,18 @@ METRICS: tuple[MetricSpec, ...] = (
                "Time from task-received to task-started (waiting in the worker).", NAME_QUEUE),
     MetricSpec("celery_task_queue_wait_seconds", HISTOGRAM,
                "Time from task-sent (or its ETA, if later) to task-started.", NAME_QUEUE),
+    MetricSpec("celery_task_failed_runtime_seconds", HISTOGRAM,
+               "Run time of failed tasks: task-started to task-failed, on the worker's clock.",
+               NAME_QUEUE),
+    # Tasks in flight, from the task table.
+    MetricSpec("celery_task_running", GAUGE,
+               "Tasks started and not yet finished.", NAME_QUEUE),
+    MetricSpec("celery_task_oldest_running_start_timestamp_seconds", GAUGE,
+               "task-started time of the longest-running task (absent when none runs).",
+               NAME_QUEUE),
+    MetricSpec("celery_task_interrupted_total", COUNTER,
+               "Tasks running on a worker when it was lost (no heartbeat for "
+               "--worker-timeout).", TASK),
     # Workers, from heartbeats.
     MetricSpec("celery_worker_up", GAUGE,
                "1 while the worker's heartbeats arrive, 0 once they stop or it goes offline.",
@@ -105,6 +117,8 @@ METRICS: tuple[MetricSpec, ...] = (
                "Messages or events dropped as invalid, by reason.", ("reason",)),
     MetricSpec("celery_exporter_event_lag_seconds", HISTOGRAM,
                "Arrival time minus the event's own timestamp."),
+    MetricSpec("celery_exporter_events_missed_total", COUNTER,
+               "task-started events the workers' heartbeats count but that never arrived."),
     MetricSpec("celery_exporter_broker_connected", GAUGE,
                "1 while connected to the broker."),
     MetricSpec("celery_exporter_broker_reconnects_total", COUNTER,
@@ -204,6 +218,7 @@ class Metrics(Collector):
             "celery_task_runtime_seconds": runtime_buckets,
             "celery_task_prefetch_wait_seconds": wait_buckets,
             "celery_task_queue_wait_seconds": wait_buckets,
+            "celery_task_failed_runtime_seconds": runtime_buckets,
             "celery_exporter_event_lag_seconds": LAG_BUCKETS,
             "celery_exporter_queue_probe_duration_seconds": PROBE_BUCKETS,
         }

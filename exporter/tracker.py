@@ -8,14 +8,19 @@ it holds only what is really in flight (plus what it never saw finish).
 
 from __future__ import annotations
 
+import logging
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .labels import OTHER, LabelLimiter
-from .metrics import Counter, Metrics
+from .metrics import Counter, LabelValues, Metrics
+from .missed import MissedEvents
 from .workers import WorkerTracker
+
+log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
 RECENTLY_FINISHED = 10_000
@@ -28,6 +33,8 @@ task's events can overtake the event that names it (on AMQP, a task may finish
 before its task-sent arrives). Events of a task not yet named wait for it this
 long, for at most this many tasks, then count as they are."""
 Event = dict[str, Any]
+LOGGED_IDS = 5
+"""Task ids named in the log line of a lost worker."""
 _OTHER = (OTHER,)
 FINAL = frozenset({"task-succeeded", "task-failed", "task-rejected", "task-revoked"})
 
@@ -39,7 +46,8 @@ class Task:
     so that an untraced task costs nothing more.
     """
 
-    __slots__ = ("done", "eta", "name", "prefetched_on", "queue", "received", "sent", "trace")
+    __slots__ = ("done", "eta", "name", "prefetched_on", "queue", "received", "running", "sent",
+                 "started", "trace", "worker")  # fmt: skip
 
     def __init__(self, name: str, queue: str) -> None:
         self.name = name
@@ -48,6 +56,9 @@ class Task:
         self.eta: float | None = None
         self.received: float | None = None
         self.prefetched_on: str | None = None
+        self.started: float | None = None  # task-started of the latest execution
+        self.worker: str | None = None  # the worker it started on
+        self.running: LabelValues | None = None  # (name, queue) while it runs
         self.done = False
 
 
@@ -65,6 +76,9 @@ class SpanHooks(Protocol):
 
     def evicted(self, task: Task) -> None:
         """The task left the full table unfinished."""
+
+    def interrupted(self, task: Task, hostname: str) -> None:
+        """The worker running the task was lost: end its execution span with an error."""
 
     def close(self) -> None:
         """Export what is pending: the daemon is stopping."""
@@ -100,6 +114,8 @@ class Tracker:
         )
         self._queue_by_name: dict[str, str] = {}
         self._prefetched: dict[str, int] = {}
+        # Tasks running now, by (name, queue), in the order their task-started arrived.
+        self._running: dict[LabelValues, dict[str, Task]] = {}
         counter, histogram = metrics.counter, metrics.histogram
         self._events = counter("celery_exporter_events_total")
         self._lag = histogram("celery_exporter_event_lag_seconds")
@@ -112,6 +128,11 @@ class Tracker:
         self._rejected = counter("celery_task_rejected_total")
         self._revoked = counter("celery_task_revoked_total")
         self._runtime = histogram("celery_task_runtime_seconds")
+        self._failed_runtime = histogram("celery_task_failed_runtime_seconds")
+        self._interrupted = counter("celery_task_interrupted_total")
+        self._missed = MissedEvents(counter("celery_exporter_events_missed_total"))
+        self._running_gauge = metrics.gauge("celery_task_running")
+        self._oldest_gauge = metrics.gauge("celery_task_oldest_running_start_timestamp_seconds")
         self._prefetch_wait = histogram("celery_task_prefetch_wait_seconds")
         self._queue_wait = histogram("celery_task_queue_wait_seconds")
         self._prefetched_gauge = metrics.gauge("celery_worker_tasks_prefetched")
@@ -158,9 +179,17 @@ class Tracker:
             on_task(task, event)
 
     def tick(self, now: float) -> None:
-        """Periodic upkeep: worker liveness and the table-size gauge."""
-        for hostname in self.workers.expire(now):
+        """Periodic upkeep: worker liveness, held events and the in-flight gauges."""
+        lost, purged = self.workers.expire(now)
+        for hostname in lost:
+            self._lose(hostname)
+        for hostname in purged:
+            # A worker that said goodbye finished its tasks first; any still marked
+            # running had their last events lost, and leave the figures uncounted.
+            for uuid, task in self._running_on(hostname):
+                self._stop_running(uuid, task)
             self._prefetched.pop(hostname, None)
+            self._missed.forget(hostname)
             self.metrics.forget("hostname", hostname)
             self.label.release("hostname", hostname)
         held = self._held
@@ -170,6 +199,7 @@ class Tracker:
                 break
             self._release(uuid)
         self._tracked.set((), len(self.tasks))
+        self._count_running()
 
     def queues_seen(self) -> set[str]:
         """Queues named by task-sent events, for the queue probes; safe from any thread."""
@@ -223,6 +253,8 @@ class Tracker:
         """Move a task that reached a final state from the table to the recently finished."""
         del self.tasks[uuid]
         self._unprefetch(task)
+        if task.running is not None:
+            self._stop_running(uuid, task)
         task.done = True
         finished = self._finished
         finished[uuid] = task
@@ -231,8 +263,10 @@ class Tracker:
         return task
 
     def _evict(self) -> None:
-        _, task = self.tasks.popitem(last=False)
+        uuid, task = self.tasks.popitem(last=False)
         self._unprefetch(task)
+        if task.running is not None:
+            self._stop_running(uuid, task)
         self._evicted.inc()
         if self.spans is not None:
             self.spans.evicted(task)
@@ -265,6 +299,59 @@ class Tracker:
                 self._prefetched[hostname] = count - 1
                 self._prefetched_gauge.set((hostname,), count - 1)
 
+    # Tasks in flight.
+
+    def _stop_running(self, uuid: str, task: Task) -> None:
+        """The task's execution ended (finished, retried, evicted or its worker lost)."""
+        running = self._running.get(task.running)  # type: ignore[arg-type]
+        if running is not None:
+            running.pop(uuid, None)
+        task.running = None
+
+    def _count_running(self) -> None:
+        """Set the running gauges from the running tasks: at the tick, never per event."""
+        running_gauge, oldest_gauge = self._running_gauge, self._oldest_gauge
+        for key, running in list(self._running.items()):
+            running_gauge.set(key, len(running))
+            if running:
+                # The earliest to arrive is the oldest, clock skew between workers aside.
+                oldest_gauge.set(key, next(iter(running.values())).started)
+            else:
+                oldest_gauge.remove(key)
+                del self._running[key]
+
+    def _running_on(self, hostname: str) -> list[tuple[str, Task]]:
+        return [
+            (uuid, task)
+            for running in self._running.values()
+            for uuid, task in running.items()
+            if task.worker == hostname
+        ]
+
+    def _lose(self, hostname: str) -> None:
+        """The worker is gone: its running tasks are interrupted, its prefetched ones freed.
+
+        The broker gives prefetched tasks (and, with ``acks_late``, running ones) to
+        another worker; their records stay, so a later event counts as usual.
+        """
+        interrupted = self._running_on(hostname)
+        for uuid, task in interrupted:
+            self._stop_running(uuid, task)
+            self._interrupted.inc((task.name, hostname, task.queue))
+            if self.spans is not None:
+                self.spans.interrupted(task, hostname)
+        if interrupted:
+            ids = ", ".join(uuid for uuid, _ in interrupted[:LOGGED_IDS])
+            more = ", …" if len(interrupted) > LOGGED_IDS else ""
+            log.warning("worker %s lost with %d tasks running, counted as interrupted: %s%s",
+                        hostname, len(interrupted), ids, more)  # fmt: skip
+        if self._prefetched.get(hostname):
+            for task in self.tasks.values():
+                if task.prefetched_on == hostname:
+                    task.prefetched_on = None
+            self._prefetched[hostname] = 0
+            self._prefetched_gauge.set((hostname,), 0)
+
     # Event handlers, one per type.
 
     def _on_sent(self, task: Task, event: Event) -> None:
@@ -292,6 +379,18 @@ class Tracker:
         self._unprefetch(task)
         key = (task.name, task.queue)
         self._started.inc((task.name, hostname, task.queue))
+        self._missed.started(hostname, started)
+        task.started = started
+        task.worker = hostname
+        if not task.done:
+            uuid = event["uuid"]
+            if task.running is not None:  # started again without a retry: a redelivery
+                self._stop_running(uuid, task)
+            running = self._running.get(key)
+            if running is None:
+                running = self._running[key] = {}
+            running[uuid] = task
+            task.running = key
         if task.received is not None:
             self._prefetch_wait.observe(key, max(0.0, started - task.received))
         if task.sent is not None:
@@ -305,11 +404,19 @@ class Tracker:
 
     def _on_failed(self, task: Task, event: Event) -> None:
         hostname = self.label("hostname", event["hostname"])
-        exception = self.label("exception", exception_class(event.get("exception")))
+        exception = self.label(
+            "exception", exception_class(event.get("exception"), event.get("traceback"))
+        )
         self._failed.inc((task.name, hostname, task.queue, exception))
+        if task.started is not None:  # both stamped by the worker's clock
+            self._failed_runtime.observe(
+                (task.name, task.queue), max(0.0, event["timestamp"] - task.started)
+            )
 
     def _on_retried(self, task: Task, event: Event) -> None:
         self._unprefetch(task)
+        if task.running is not None:
+            self._stop_running(event["uuid"], task)
         task.received = None
         hostname = self.label("hostname", event["hostname"])
         exception = self.label("exception", exception_class(event.get("exception")))
@@ -329,6 +436,8 @@ class Tracker:
     def _on_heartbeat(self, event: Event, arrival: float) -> None:
         hostname = self.label("hostname", event["hostname"])
         self.workers.heartbeat(hostname, event, arrival)
+        if hostname != OTHER:  # folded workers' counts cannot be told apart
+            self._missed.heartbeat(hostname, event["timestamp"], event.get("processed"))
         self._prefetched_gauge.set((hostname,), self._prefetched.get(hostname, 0))
 
     def _on_offline(self, event: Event, arrival: float) -> None:
@@ -345,12 +454,26 @@ def _then(handler: TaskHandler, hook: Hook) -> TaskHandler:
     return traced
 
 
-def exception_class(text: str | None) -> str:
-    """``ValueError`` from Celery's ``repr()`` of it, ``"ValueError('boom')"``."""
-    if not text:
-        return UNKNOWN
-    name = text.partition("(")[0].strip()
-    return name if name.replace(".", "").replace("_", "").isalnum() else UNKNOWN
+def exception_class(text: str | None, traceback: str | None = None) -> str:
+    """``ValueError`` from Celery's ``repr()`` of it, ``"ValueError('boom')"``.
+
+    Some exceptions' text is not their ``repr()``: a ``Reject`` reads
+    ``reject requeue=False: …``. Then the traceback's last line names the
+    class (``celery.exceptions.Reject: …``).
+    """
+    if text:
+        name = text.partition("(")[0].strip()
+        if _CLASS_NAME.fullmatch(name):
+            return name
+    if traceback:
+        last = traceback.rstrip().rpartition("\n")[2]
+        name = last.partition(":")[0].strip().rpartition(".")[2]
+        if _CLASS_NAME.fullmatch(name) and not last.startswith((" ", "\t")):
+            return name
+    return UNKNOWN
+
+
+_CLASS_NAME = re.compile(r"[A-Za-z_][\w.]*")
 
 
 def _eta(value: str | None) -> float | None:

@@ -66,14 +66,15 @@ class WorkerTracker:
         worker.said_goodbye = True
         self._up.set((hostname,), 0)
 
-    def expire(self, now: float) -> list[str]:
-        """Mark silent workers down; return those to forget.
+    def expire(self, now: float) -> tuple[list[str], list[str]]:
+        """Mark silent workers down; return those just lost, and those to forget.
 
-        A worker that went silent stays down for ``purge_after`` so alerts can
-        see it; one that said goodbye (``worker-offline``) is forgotten after
-        ``timeout``, so a deploy does not look like an outage.
+        A worker that went silent stays down for ``purge_after`` (a day by
+        default) so its alert holds until it returns; one that said goodbye
+        (``worker-offline``) is forgotten after ``timeout``, so a deploy does
+        not look like an outage, and its pod-named series do not pile up.
         """
-        purged = []
+        lost, purged = [], []
         for worker in list(self.workers.values()):
             silence = now - worker.last_seen
             if silence > (self.timeout if worker.said_goodbye else self.purge_after):
@@ -82,7 +83,8 @@ class WorkerTracker:
             elif worker.up and silence > self.timeout:
                 worker.up = False
                 self._up.set((worker.hostname,), 0)
-        return purged
+                lost.append(worker.hostname)
+        return lost, purged
 
 
 def _text(value: Any) -> str:

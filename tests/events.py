@@ -76,14 +76,20 @@ def succeeded(uuid: str, timestamp: float, runtime: float, hostname: str = "cele
     return event("task-succeeded", timestamp, hostname, uuid=uuid, result="3", runtime=runtime)
 
 
-def failed(uuid: str, timestamp: float, exception: str, hostname: str = "celery@w1") -> dict:
+def failed(
+    uuid: str,
+    timestamp: float,
+    exception: str,
+    hostname: str = "celery@w1",
+    traceback: str = "Traceback ...",
+) -> dict:
     return event(
         "task-failed",
         timestamp,
         hostname,
         uuid=uuid,
         exception=exception,
-        traceback="Traceback ...",
+        traceback=traceback,
     )
 
 
