@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -115,7 +115,7 @@ class Tracker:
         self._queue_by_name: dict[str, str] = {}
         self._prefetched: dict[str, int] = {}
         # Tasks running now, by (name, queue), in the order their task-started arrived.
-        self._running: dict[LabelValues, dict[str, Task]] = {}
+        self._running: defaultdict[LabelValues, dict[str, Task]] = defaultdict(dict)
         counter, histogram = metrics.counter, metrics.histogram
         self._events = counter("celery_exporter_events_total")
         self._lag = histogram("celery_exporter_event_lag_seconds")
@@ -254,7 +254,8 @@ class Tracker:
         del self.tasks[uuid]
         self._unprefetch(task)
         if task.running is not None:
-            self._stop_running(uuid, task)
+            self._running[task.running].pop(uuid, None)
+            task.running = None
         task.done = True
         finished = self._finished
         finished[uuid] = task
@@ -302,10 +303,9 @@ class Tracker:
     # Tasks in flight.
 
     def _stop_running(self, uuid: str, task: Task) -> None:
-        """The task's execution ended (finished, retried, evicted or its worker lost)."""
-        running = self._running.get(task.running)  # type: ignore[arg-type]
-        if running is not None:
-            running.pop(uuid, None)
+        """The task's execution ended (retried, evicted or its worker lost; ``_finish``
+        does the same inline)."""
+        self._running[task.running].pop(uuid, None)  # type: ignore[index]
         task.running = None
 
     def _count_running(self) -> None:
@@ -386,10 +386,7 @@ class Tracker:
             uuid = event["uuid"]
             if task.running is not None:  # started again without a retry: a redelivery
                 self._stop_running(uuid, task)
-            running = self._running.get(key)
-            if running is None:
-                running = self._running[key] = {}
-            running[uuid] = task
+            self._running[key][uuid] = task
             task.running = key
         if task.received is not None:
             self._prefetch_wait.observe(key, max(0.0, started - task.received))
