@@ -131,6 +131,7 @@ class Tracker:
         self._failed_runtime = histogram("celery_task_failed_runtime_seconds")
         self._interrupted = counter("celery_task_interrupted_total")
         self._missed = MissedEvents(counter("celery_exporter_events_missed_total"))
+        self._starts_counted = False  # True while held events, counted on arrival, apply
         self._running_gauge = metrics.gauge("celery_task_running")
         self._oldest_gauge = metrics.gauge("celery_task_oldest_running_start_timestamp_seconds")
         self._prefetch_wait = histogram("celery_task_prefetch_wait_seconds")
@@ -216,21 +217,29 @@ class Tracker:
             self._apply_unseen(kind, uuid, event)
             if names and held:
                 self._release(uuid)
-        elif uuid in held:
-            held[uuid][1].append((event, arrival))
         else:
-            held[uuid] = (arrival, [(event, arrival)])
+            if kind == "task-started":  # the missed-events check counts it on arrival
+                self._missed.started(self.label("hostname", event["hostname"]),
+                                     event["timestamp"])  # fmt: skip
+            if uuid in held:
+                held[uuid][1].append((event, arrival))
+            else:
+                held[uuid] = (arrival, [(event, arrival)])
 
     def _release(self, uuid: str) -> None:
         """Apply a task's held events in the order they arrived."""
         _, events = self._held.pop(uuid, (0.0, ()))
-        for event, _ in events:
-            kind = event["type"]
-            task = self.tasks.get(uuid)
-            if task is None:
-                self._apply_unseen(kind, uuid, event)
-            else:
-                self._on_task[kind](self._finish(uuid, task) if kind in FINAL else task, event)
+        self._starts_counted = True
+        try:
+            for event, _ in events:
+                kind = event["type"]
+                task = self.tasks.get(uuid)
+                if task is None:
+                    self._apply_unseen(kind, uuid, event)
+                else:
+                    self._on_task[kind](self._finish(uuid, task) if kind in FINAL else task, event)
+        finally:
+            self._starts_counted = False
 
     def _apply_unseen(self, kind: str, uuid: str, event: Event) -> None:
         """Apply an event of a task not in the table, making its record if need be.
@@ -379,7 +388,8 @@ class Tracker:
         self._unprefetch(task)
         key = (task.name, task.queue)
         self._started.inc((task.name, hostname, task.queue))
-        self._missed.started(hostname, started)
+        if not self._starts_counted:
+            self._missed.started(hostname, started)
         task.started = started
         task.worker = hostname
         if not task.done:

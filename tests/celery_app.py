@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 
 __all__ = ["TASK_NAMES", "app", "make_app"]
 
@@ -27,6 +28,8 @@ TASK_NAMES = (
     "tests.retry_then_succeed",
     "tests.sleep",
     "tests.noop",
+    "tests.reject",
+    "tests.sleep_then_fail",
 )
 
 
@@ -58,6 +61,16 @@ def noop() -> None:
     return None
 
 
+def reject() -> None:
+    """Refused by the task itself: task-failed (``reject requeue=False: …``), then task-rejected."""
+    raise Reject(ValueError("unprocessable payload"), requeue=False)
+
+
+def sleep_then_fail(seconds: float) -> None:
+    time.sleep(seconds)
+    raise TimeoutError(f"gave up after {seconds} s")
+
+
 def _env_flag(name: str, default: bool) -> bool:
     value = os.environ.get(name)
     if value is None or not value.strip():
@@ -87,6 +100,8 @@ def make_app(broker_url: str, sent_events: bool = True) -> Celery:
     celery.task(name="tests.retry_then_succeed", bind=True)(retry_then_succeed)
     celery.task(name="tests.sleep")(sleep)
     celery.task(name="tests.noop")(noop)
+    celery.task(name="tests.reject", acks_late=True)(reject)
+    celery.task(name="tests.sleep_then_fail")(sleep_then_fail)
     return celery
 
 

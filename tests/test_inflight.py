@@ -90,7 +90,7 @@ def test_a_failure_before_any_start_has_no_run_time() -> None:
         ("reject requeue=False: unprocessable payload", None, "unknown"),
         ("", "Traceback (most recent call last):\nKeyError: 'x'\n", "KeyError"),
         ("a message", "no class here at all", "unknown"),
-        (None, "Traceback ...\n  File \"x.py\", line 1\n", "unknown"),
+        (None, 'Traceback ...\n  File "x.py", line 1\n', "unknown"),
         ("pkg.errors.Oops('x')", None, "pkg.errors.Oops"),
     ],
 )
@@ -273,3 +273,17 @@ def test_workers_are_judged_apart_and_clock_skew_does_not_matter() -> None:
     beat(scene, 104.0, processed=3)
     beat(scene, 104.0 + skew, processed=4, hostname="celery@w2")
     assert missed(scene) == 3
+
+
+def test_a_start_held_for_its_name_counts_when_it_arrives_not_when_it_applies() -> None:
+    scene = Scene()
+    beat(scene, 100.0, processed=0)
+    run(scene, "t0", 101.0)
+    # Its task-received was lost: the start waits for a name that never comes.
+    scene.feed(started("orphan", 101.0), arrival=101.0)
+    beat(scene, 102.0, processed=2)
+    beat(scene, 104.0, processed=2)  # judges the heartbeat at 102: both starts arrived
+    scene.tracker.tick(104.0)  # the held start applies now, under the name "unknown"
+    beat(scene, 106.0, processed=2)
+    assert missed(scene) == 0
+    assert scene.value("celery_task_started_total", name="unknown", queue="celery", **W1) == 1
