@@ -41,6 +41,9 @@ EXPECTED_ALERTS = {
     "CeleryExporterNoEvents",
     "CeleryExporterBrokerDisconnected",
     "CeleryExporterEventsInvalid",
+    "CeleryTaskStuck",
+    "CeleryTasksInterrupted",
+    "CeleryExporterEventsMissed",
 }
 EXPECTED_RECORDING_RULES = {
     "name_queue:celery_task_sent:rate5m",
@@ -61,6 +64,8 @@ EXPECTED_RECORDING_RULES = {
     "name_queue:celery_task_queue_wait_seconds:p95_5m",
     "name_queue_le:celery_task_prefetch_wait_seconds_bucket:rate5m",
     "name_queue:celery_task_prefetch_wait_seconds:p95_5m",
+    "name_queue:celery_task_running:max",
+    "name_queue:celery_task_oldest_running_age:seconds",
     "hostname:celery_worker_up:max",
     "queue:celery_queue_length:max",
 }
