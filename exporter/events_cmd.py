@@ -193,7 +193,7 @@ def _plain(value: Any) -> Any:
 
 def _line(event: dict[str, Any], name: str | None) -> str:
     kind = event["type"]
-    parts = [_time(event["timestamp"]), _clean(kind), _clean(event["hostname"])]
+    parts = [_time(event["timestamp"]), f"{_clean(kind):<16}", _clean(event["hostname"])]
     uuid = event.get("uuid")
     if uuid is not None:
         parts.append(f"{_clean(name or '?')}[{_clean(uuid)}]")

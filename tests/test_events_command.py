@@ -19,7 +19,6 @@ from tests.test_hostile_input import (
     event,
     expected_counts,
     hostile_messages,
-    pickle_trap,
     publish_to_amqp,
     publish_to_redis,
 )
@@ -28,7 +27,7 @@ from tests.workers import WorkerFactory
 WAIT = ["--seconds", "60"]  # an upper bound: each command ends by its --count
 
 
-def _events(argv: list[str], env: dict[str, str] | None = None) -> CommandProcess:
+def _events(*argv: str, env: dict[str, str] | None = None) -> CommandProcess:
     return CommandProcess(["events", *argv, *WAIT], env=env)
 
 
@@ -44,21 +43,21 @@ def test_a_workload_is_printed_exactly_and_filters_select_exactly(
     config_file.write_text(f"broker_url: {broker.url}\n")
     # Three adds, one fail, one fail_key: 5 sent, received and started, 3 succeeded, 2 failed.
     everything = _events(
-        ["--json", "--type", "task-*", "--count", "20"],
+        "--json", "--type", "task-*", "--count", "20",
         env={"CELERY_EXPORTER_BROKER_URL": broker.url},
-    )
+    )  # fmt: skip
     failures = _events(
-        ["--broker-url", broker.url, "--task", "tests.fail*", "--worker", worker.hostname]
-        + ["--count", "6"]
-    )
+        "--broker-url", broker.url, "--task", "tests.fail*", "--worker", worker.hostname,
+        "--count", "6",
+    )  # fmt: skip
     adds = _events(
-        ["--config", str(config_file), "--json", "--type", "task-s*", "--task", "tests.add"]
-        + ["--count", "9"]
-    )
+        "--config", str(config_file), "--json", "--type", "task-s*", "--task", "tests.add",
+        "--count", "9",
+    )  # fmt: skip
     heartbeat = _events(
-        ["--broker-url", broker.url, "--type", "worker-heartbeat", "--count", "1"]
-        + ["--worker", worker.hostname]
-    )
+        "--broker-url", broker.url, "--type", "worker-heartbeat", "--worker", worker.hostname,
+        "--count", "1",
+    )  # fmt: skip
     commands = (everything, failures, adds, heartbeat)
     for command in commands:
         command.wait_listening()
@@ -102,7 +101,7 @@ def test_a_workload_is_printed_exactly_and_filters_select_exactly(
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_end_it_cleanly(clean_redis: Any, signum: int) -> None:
-    command = _events(["--broker-url", clean_redis.url])
+    command = _events("--broker-url", clean_redis.url)
     command.wait_listening()
     assert command.stop(signum) == 0
     assert "Traceback" not in command.stderr()
@@ -116,7 +115,7 @@ def test_hostile_messages_show_as_dropped_lines(broker: Any, tmp_path: Path) -> 
         url = broker.url
         publish = publish_to_amqp(url)
     # Four valid events among the hostile ones, and one last that ends the command.
-    command = _events(["--broker-url", url, "--json", "--count", "5"])
+    command = _events("--broker-url", url, "--json", "--count", "5")
     command.wait_listening()
     trap = tmp_path / "unpickled"
     messages = hostile_messages(trap)
