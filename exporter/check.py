@@ -14,18 +14,17 @@ import argparse
 import json
 import statistics
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import redis
 from kombu import Connection
 
-from . import redis_pubsub
 from .config import Config
 from .decode import CONTENT_TYPE
 from .health import Health
-from .listen import listen, positive
+from .listen import listen, positive, printable
 from .queues import probe_class
 
 DEFAULT_SECONDS = 10.0
@@ -178,7 +177,7 @@ def diagnose(
     found.events = dict(observer.types.most_common())
     found.dropped = dict(observer.dropped_reasons)
     _check_drops(observer, found)
-    if not observer.types:
+    if not observer.types and not observer.dropped_reasons:
         found.problems.append(_silence(config, seconds))
         return found
     for worker in sorted(observer.workers.values(), key=lambda w: w.hostname):
@@ -196,27 +195,21 @@ def _cause(error: str) -> str:
 
 def _silence(config: Config, seconds: float) -> str:
     """Why nothing at all arrived: workers send heartbeats even without -E."""
-    where = _where(config)
+    connection = Connection(config.broker_url)
+    kind, where = connection.transport.driver_type, connection.virtual_host
+    if kind == "redis":  # kombu reads the database number as the virtual host
+        where = f"Redis database (this URL reads database {where.strip('/') or 0})"
+    elif kind == "amqp":
+        where = f"vhost (this URL reads vhost {where!r})"
+    else:
+        where = "folder or server"
     return (
-        f"nothing arrived in {seconds:g} s. Workers send a heartbeat every 2 s even without "
+        f"nothing arrived in {seconds:.0f} s. Workers send a heartbeat every 2 s even without "
         "-E, so none reaches this listener: no worker runs on this broker, or the workers "
         f"use another {where}, or they publish events to another exchange than "
         f"{config.events_exchange!r} (Celery's event_exchange; set --events-exchange)"
-        + (
-            ", or they use another global_keyprefix (--broker-transport-option)"
-            if redis_pubsub.handles(config.broker_url)
-            else ""
-        )
+        + (", or another global_keyprefix (--broker-transport-option)" if kind == "redis" else "")
     )
-
-
-def _where(config: Config) -> str:
-    """The part of the broker that must match the workers': vhost or database."""
-    if redis_pubsub.handles(config.broker_url):
-        db = redis.connection.parse_url(config.broker_url).get("db", 0)
-        return f"Redis database (this URL reads database {db})"
-    vhost = Connection(config.broker_url).virtual_host
-    return f"vhost (this URL reads vhost {vhost!r})" if vhost else "broker"
 
 
 def _check_drops(observer: Observer, found: Findings) -> None:
@@ -339,8 +332,10 @@ def report(found: Findings) -> str:
             lines.append(f"{title}:")
             lines.extend(f"  - {item}" for item in items)
     count = len(found.problems)
-    lines.append(f"{count} problem{'s' * (count != 1)} found" if count else "all is well")
-    return "\n".join(lines)
+    lines.append(
+        "all is well" if not count else f"{count} problem{'' if count == 1 else 's'} found"
+    )
+    return "\n".join(printable(line) for line in lines)  # hostnames and errors come from afar
 
 
 def _worker_line(worker: dict[str, Any]) -> str:
@@ -359,7 +354,7 @@ def _queue_line(queue: dict[str, Any]) -> str:
     if "error" in queue:
         return f"{queue['name']}: probe failed: {queue['error']}"
     consumers = queue["consumers"]
-    who = "" if consumers is None else f", {consumers} consumer{'s' * (consumers != 1)}"
+    who = "" if consumers is None else f", {consumers} consumer{'' if consumers == 1 else 's'}"
     return f"{queue['name']}: {queue['messages']} waiting{who}"
 
 
@@ -373,8 +368,10 @@ def run(config: Config, args: argparse.Namespace, out: TextIO) -> int:
             reached.set()
         return not reached.is_set() and bool(health.last_error)
 
+    started = time.monotonic()
     health = listen(config, observer, threading.Event(), args.seconds, unreachable)
-    found = diagnose(config, args.seconds, observer, health, reached.is_set() or health.connected)
+    seconds = min(args.seconds, round(time.monotonic() - started, 1))  # less after Ctrl-C
+    found = diagnose(config, seconds, observer, health, reached.is_set() or health.connected)
     if found.reached:
         probe_queues(config, observer, found)
     if args.json:

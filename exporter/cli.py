@@ -56,7 +56,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     """A command's flags: its own, and the daemon's broker options."""
     from . import check, events_cmd
 
-    parser = config._Parser(
+    parser = config.CommandLineParser(
         prog=f"{config.PROG} {name}",
         description=f"{config.PROG} {name} {config.COMMANDS[name]}.",
         epilog=f"Broker options can also be set as environment variables "

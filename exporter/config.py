@@ -404,7 +404,7 @@ def flag_name(name: str) -> str:
     return flag.removesuffix("s") if Config.__dataclass_fields__[name].metadata["repeat"] else flag
 
 
-class _Parser(argparse.ArgumentParser):
+class CommandLineParser(argparse.ArgumentParser):
     """Reports a usage mistake as one line, like every other configuration error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -420,7 +420,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     usage = "".join(f"\n       %(prog)s {name} [OPTIONS]" for name in COMMANDS)
-    parser = _Parser(
+    parser = CommandLineParser(
         prog=PROG,
         usage=f"%(prog)s [OPTIONS]{usage}",
         description="Export Celery's event stream as Prometheus metrics. Commands: "

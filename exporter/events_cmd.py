@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import orjson
 
 from .config import Config
-from .listen import listen, positive
+from .listen import listen, positive, printable
 
 MAX_NAMES = 100_000
 """Task names remembered by task id, least recently named first out."""
@@ -215,12 +215,8 @@ def _time(timestamp: float) -> str:
 
 
 def _clean(value: Any) -> str:
-    """Event text made safe for a terminal: control characters escaped, length bounded."""
-    text = value if isinstance(value, str) else repr(value)
-    text = text[:MAX_TEXT]
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text
+    """An event's field for a text line: printable, length bounded."""
+    return printable((value if isinstance(value, str) else repr(value))[:MAX_TEXT])
 
 
 def run(config: Config, args: argparse.Namespace, out: TextIO) -> int:

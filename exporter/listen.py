@@ -1,4 +1,4 @@
-"""Listening to the event stream for a while: the loop the ``events`` and ``check`` commands share.
+"""Listening to the event stream for a while: what the ``events`` and ``check`` commands share.
 
 They read the broker with the daemon's own receivers and pipeline, so they see
 exactly what the daemon would, decoded and checked the same way (pickle is
@@ -98,3 +98,10 @@ def positive(convert: Callable[[str], T]) -> Callable[[str], T]:
         return value
 
     return parse
+
+
+def printable(text: str) -> str:
+    """Text from the network made safe for a terminal: control characters escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

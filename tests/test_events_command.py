@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,11 @@ from typing import Any
 import orjson
 import pytest
 
+from exporter.check import Observer, diagnose, report
+from exporter.config import load
+from exporter.events_cmd import Printer
+from exporter.health import Health
+from exporter.metrics import Metrics
 from tests.celery_app import make_app
 from tests.harness import CommandProcess
 from tests.test_hostile_input import (
@@ -131,3 +138,21 @@ def test_hostile_messages_show_as_dropped_lines(broker: Any, tmp_path: Path) -> 
     valid = [line for line in lines if "dropped" not in line]
     assert [line["uuid"] for line in valid] == ["u4", "u4", "m1", "m1", "last"]
     assert not trap.exists(), "a pickle body was unpickled"
+
+
+def test_text_from_the_network_cannot_drive_the_terminal() -> None:
+    """Hostnames, names and exceptions are printed with control characters escaped."""
+    hostile = "w1@\x1b]0;owned\x07host\n"
+    out = io.StringIO()
+    printer = Printer(out, threading.Event())
+    observer = Observer()
+    for listener in (printer, observer):
+        listener.handle(event("task-received", uuid="u\r1", name="\x1b[2Jx", hostname=hostile), 1.0)
+        listener.handle(event("worker-heartbeat", hostname=hostile, sw_ident="\x1b[31m"), 1.0)
+        listener.dropped("malformed", "bad \x1b[31m body")
+    found = diagnose(load(["--broker-url", "redis://x/0"], environ={}), 1, observer,
+                     Health(Metrics(), "redis://x/0"), reached=True)  # fmt: skip
+    for text in (out.getvalue(), report(found)):
+        assert "\x1b" not in text and "\x07" not in text and "\r" not in text, text
+        assert "w1@\\x1b]0;owned\\x07host\\n" in text, text
+    assert len(out.getvalue().splitlines()) == 3
