@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -406,28 +406,47 @@ def flag_name(name: str) -> str:
     return flag.removesuffix("s") if Config.__dataclass_fields__[name].metadata["repeat"] else flag
 
 
-class _Parser(argparse.ArgumentParser):
+class CommandLineParser(argparse.ArgumentParser):
     """Reports a usage mistake as one line, like every other configuration error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(message)
 
 
+COMMANDS = {
+    "events": "prints the events as they arrive",
+    "check": "listens a few seconds and tells what the metrics would miss",
+}
+"""Commands besides the daemon, for its --help (``cli`` runs them)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    usage = "".join(f"\n       %(prog)s {name} [OPTIONS]" for name in COMMANDS)
+    parser = CommandLineParser(
         prog=PROG,
-        description="Export Celery's event stream as Prometheus metrics.",
+        usage=f"%(prog)s [OPTIONS]{usage}",
+        description="Export Celery's event stream as Prometheus metrics. Commands: "
+        + "; ".join(f"{name} {summary}" for name, summary in COMMANDS.items())
+        + " (each has its own --help).",
         epilog=f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION> "
         "(e.g. CELERY_EXPORTER_BROKER_URL) or as a key of the --config file (e.g. broker_url). "
         "Precedence: flags, then environment, then file, then defaults.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_options(parser)
+    return parser
+
+
+def add_options(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """``--config`` and the flags of the named options (all by default), grouped by purpose."""
     parser.add_argument(
         "--config", metavar="FILE", help=f"YAML file of options (also {ENV_PREFIX}CONFIG)."
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for spec in Config.options():
+        if names is not None and spec.name not in names:
+            continue
         meta = spec.metadata
         group = groups.get(meta["group"])
         if group is None:
@@ -451,13 +470,19 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar=meta["metavar"],
                 action="append" if meta["repeat"] else "store",
             )
-    return parser
 
 
 def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """The configuration from flags, environment and file; ``ConfigError`` on any mistake."""
+    return resolve(vars(build_parser().parse_args(argv)), environ)
+
+
+def resolve(
+    cli: dict[str, Any], environ: Mapping[str, str] | None = None, *, demo: bool = True
+) -> Config:
+    """The configuration from parsed flags (``add_options``' names; others are ignored),
+    environment and file. Without ``demo``, a broker URL is required whatever it says."""
     environ = os.environ if environ is None else environ
-    cli = vars(build_parser().parse_args(argv))
     known = {spec.name: spec for spec in Config.options()}
 
     env = {}
@@ -482,10 +507,11 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                     raise ConfigError(f"{name}: {exc} (from {source})") from None
                 break
     config = Config(**values)
-    if not config.broker_url and not config.demo:
+    if not config.broker_url and not (demo and config.demo):
         raise ConfigError(
             f"broker_url: required: set {flag_name('broker_url')}, "
-            f"{env_name('broker_url')} or broker_url in --config (or use --demo)"
+            f"{env_name('broker_url')} or broker_url in --config"
+            + (" (or use --demo)" if demo else "")
         )
     return config
 

@@ -120,7 +120,7 @@ def unwrap_redis_envelope(data: bytes) -> tuple[bytes, str]:
         if properties.get("body_encoding") == "base64":
             return binascii.a2b_base64(body), content_type
         return body.encode(), content_type
-    except (orjson.JSONDecodeError, binascii.Error, UnicodeError) as exc:
+    except ValueError as exc:  # JSON, base64 (a non-ASCII body too) and text errors alike
         raise InvalidMessage(MALFORMED, str(exc)) from None
     except (KeyError, TypeError, AttributeError) as exc:
         raise InvalidMessage(MALFORMED, f"not a kombu envelope: {exc!r}") from None

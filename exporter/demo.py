@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 FOLDER_ENV = "CELERY_EXPORTER_DEMO_FOLDER"
 TRANSPORT = "demo-filesystem"
 QUEUES = ("celery", "reports")
+HOST = "localhost"
+"""The filesystem transport ignores the host; naming one keeps kombu from warning that
+none was supplied."""
 SEND_EVERY = 0.15
 
 
@@ -72,7 +75,7 @@ def transport_options(folder: str) -> dict[str, object]:
 
 
 def make_app(folder: str) -> Celery:
-    app = Celery("demo", broker=f"{TRANSPORT}://", set_as_current=False)
+    app = Celery("demo", broker=f"{TRANSPORT}://{HOST}/", set_as_current=False)
     app.conf.update(
         broker_transport_options=transport_options(folder),
         task_send_sent_event=True,
@@ -189,7 +192,9 @@ def run(config: Config) -> int:
     for sub in ("data", "control"):
         Path(folder, sub).mkdir()
     demo_config = dataclasses.replace(
-        config, broker_url="filesystem://", broker_transport_options=transport_options(folder)
+        config,
+        broker_url=f"filesystem://{HOST}/",
+        broker_transport_options=transport_options(folder),
     )
     worker = start_worker(folder)
     stop = threading.Event()

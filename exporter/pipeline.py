@@ -77,6 +77,11 @@ class Pipeline:
 
     def _drop(self, reason: str, detail: str) -> None:
         self._invalid.inc((reason,))
+        self.dropped(reason, detail)
+
+    def dropped(self, reason: str, detail: str) -> None:
+        """Tell of a dropped message: here once a minute per reason in the log; the
+        commands that print events override it to show each."""
         now = time.monotonic()
         if now - self._logged_at.get(reason, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
             self._logged_at[reason] = now

@@ -97,6 +97,11 @@ class KombuProbe:
         self._connection.release()
 
 
+def probe_class(broker_url: str) -> Callable[[Config, float], Probe]:
+    """The probe for a broker URL, built with the config and a timeout in seconds."""
+    return RedisProbe if redis_pubsub.handles(broker_url) else KombuProbe
+
+
 class QueuePoller(Periodic):
     """Probes every known queue each interval and writes the queue gauges."""
 
@@ -109,9 +114,7 @@ class QueuePoller(Periodic):
         super().__init__(config.queue_poll_interval)
         self.config = config
         self._queues_seen = queues_seen
-        self._new_probe: Callable[[Config, float], Probe] = (
-            RedisProbe if redis_pubsub.handles(config.broker_url) else KombuProbe
-        )
+        self._new_probe = probe_class(config.broker_url)
         self._probe: Probe | None = None
         self._failing: set[str] = set()
         self._length = metrics.gauge("celery_queue_length")

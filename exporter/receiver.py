@@ -198,3 +198,10 @@ class KombuReceiver(Receiver):
 
     def _on_message(self, message: Message) -> None:
         self.sink.on_body(message.body, message.content_type, time.time())
+
+
+def receiver_class(broker_url: str) -> type[Receiver]:
+    """The receiver for a broker URL: the lean pub/sub reader on Redis, else kombu's."""
+    from . import redis_pubsub  # it builds on this module
+
+    return redis_pubsub.RedisReceiver if redis_pubsub.handles(broker_url) else KombuReceiver

@@ -135,3 +135,60 @@ class ExporterProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+class CommandProcess:
+    """``python -m exporter <command> ...`` (``events``, ``check``) with stdout and stderr kept."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        directory = Path(os.environ.get("TMPDIR", "/tmp"))
+        stem = f"command-{os.getpid()}-{id(self)}"
+        self._out_path, self._err_path = directory / f"{stem}.out", directory / f"{stem}.err"
+        self._out, self._err = open(self._out_path, "wb"), open(self._err_path, "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "exporter", *argv],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self._out,
+            stderr=self._err,
+        )
+
+    def stdout(self) -> str:
+        return self._out_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self._err_path.read_text(errors="replace")
+
+    def wait_listening(self, timeout: float = 20.0) -> None:
+        """Until the receiver is subscribed (its log line on stderr)."""
+        deadline = time.monotonic() + timeout
+        while "receiving events from" not in self.stderr():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the command is not listening:\n{self.stderr()}")
+            time.sleep(0.05)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """The exit status, once it ends by itself (killed after ``timeout``)."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(
+                f"the command did not end within {timeout:g} s; stdout:\n{self.stdout()}"
+                f"\nstderr:\n{self.stderr()}"
+            ) from None
+        finally:
+            self.close()
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.wait(timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._out.close()
+        self._err.close()

@@ -46,3 +46,7 @@ def test_the_demo_serves_every_family_within_30_seconds_and_cleans_up() -> None:
     folder = re.search(r"demo cluster in (\S+)", exporter.log())
     assert folder, exporter.log()
     assert not Path(folder[1]).exists()
+    # The demo's output is the exporter's own log lines only: no third-party warning.
+    loggers = re.findall(r"^\S+ \S+ [A-Z]+ +(\S+): ", exporter.log(), re.MULTILINE)
+    assert len(loggers) == len(exporter.log().splitlines()), exporter.log()
+    assert all(name.startswith("exporter.") for name in loggers), exporter.log()

@@ -20,7 +20,7 @@ import msgpack
 import orjson
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Exchange, Producer
 
@@ -191,6 +191,7 @@ envelope_like = st.fixed_dictionaries(
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200) | envelope_like.map(orjson.dumps) | anything.map(orjson.dumps))
+@example(b'{"body":"\xc2\x80","properties":{"body_encoding":"base64"}}')  # not ASCII
 def test_any_redis_envelope_is_handled(data: bytes) -> None:
     rig = Rig()
     rig.pipeline.on_envelope(data, ARRIVAL)
