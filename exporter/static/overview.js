@@ -39,7 +39,8 @@
   }
 
   function ago(value) {
-    return value === null || value === undefined ? null : duration(Math.max(0, value)) + " ago";
+    if (value === null || value === undefined) return null;
+    return value < 60 ? `${Math.round(Math.max(0, value))} s ago` : duration(value) + " ago";
   }
 
   function percent(value) {
@@ -142,7 +143,7 @@
       legend.append(item);
     }
     byId("failure-ratio").textContent = percent(throughput.failure_ratio);
-    byId("totals").textContent = "over the last 15 minutes";
+    byId("totals").textContent = "failed / (succeeded + failed), the last 15 minutes";
   }
 
   function fillExporter(exporter, now) {
