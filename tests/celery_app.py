@@ -18,7 +18,11 @@ from typing import Any
 
 from celery import Celery, Task
 
-__all__ = ["TASK_NAMES", "app", "make_app"]
+__all__ = ["HOSTILE_MESSAGE", "HOSTILE_NAME", "TASK_NAMES", "app", "make_app"]
+
+HOSTILE_NAME = "tests.<script>window.owned = 1</script>"
+"""A task name that is markup, for pages that must show it as text."""
+HOSTILE_MESSAGE = '<img src="/nowhere" onerror="window.owned = 2">'
 
 TASK_NAMES = (
     "tests.add",
@@ -27,6 +31,7 @@ TASK_NAMES = (
     "tests.retry_then_succeed",
     "tests.sleep",
     "tests.noop",
+    HOSTILE_NAME,
 )
 
 
@@ -58,6 +63,11 @@ def noop() -> None:
     return None
 
 
+def hostile() -> None:
+    """Fails with a message that is markup too."""
+    raise ValueError(HOSTILE_MESSAGE)
+
+
 def _env_flag(name: str, default: bool) -> bool:
     value = os.environ.get(name)
     if value is None or not value.strip():
@@ -87,6 +97,7 @@ def make_app(broker_url: str, sent_events: bool = True) -> Celery:
     celery.task(name="tests.retry_then_succeed", bind=True)(retry_then_succeed)
     celery.task(name="tests.sleep")(sleep)
     celery.task(name="tests.noop")(noop)
+    celery.task(name=HOSTILE_NAME)(hostile)
     return celery
 
 

@@ -126,7 +126,7 @@ def exporter(clean_redis: RedisServer) -> Iterator[InProcessExporter]:
 def test_the_api_shows_what_a_real_worker_did(
     clean_redis: RedisServer, exporter: InProcessExporter, worker_factory: WorkerFactory
 ) -> None:
-    worker = worker_factory(clean_redis.url)
+    worker = worker_factory(clean_redis.url, concurrency=1)  # tasks run in the order sent
     app = make_app(clean_redis.url)
     for index in range(4):
         app.send_task("tests.add", (index, 1))

@@ -4,7 +4,9 @@
 "use strict";
 
 (function () {
-  const API = "/api/v1/overview";
+  // From the origin, which never carries the user:password@ a page address may have:
+  // fetch() refuses such URLs, and the browser sends the credentials it holds anyway.
+  const API = new URL("/api/v1/overview", window.location.origin).href;
   const REFRESH_MS = 5000;
   const STATES = ["succeeded", "failed", "retried", "rejected", "revoked"];
   const SVG = "http://www.w3.org/2000/svg";
@@ -260,7 +262,7 @@
   async function refresh() {
     try {
       const response = await fetch(API, { cache: "no-store", credentials: "same-origin" });
-      if (!response.ok) throw new Error(`${API} answered ${response.status}`);
+      if (!response.ok) throw new Error(`/api/v1/overview answered ${response.status}`);
       render(await response.json());
     } catch (error) {
       showProblem(`The exporter does not answer (${error.message}); trying again.`);
