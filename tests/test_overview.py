@@ -115,6 +115,18 @@ def metric_sum(text: str, metric: str, /, **match: str) -> float:
     )
 
 
+def wait_finished(exporter: InProcessExporter, *, succeeded: int, failed: int) -> None:
+    """Wait until exactly these many tasks succeeded and failed."""
+    wait_for(
+        lambda: (
+            exporter.total("celery_task_succeeded_total") == succeeded
+            and exporter.total("celery_task_failed_total") == failed
+        ),
+        timeout=30,
+        message=lambda: f"not {succeeded} succeeded and {failed} failed",
+    )
+
+
 @pytest.fixture
 def exporter(clean_redis: RedisServer) -> Iterator[InProcessExporter]:
     running = InProcessExporter(["--broker-url", clean_redis.url, "--recent-failures", "2"])
@@ -132,14 +144,7 @@ def test_the_api_shows_what_a_real_worker_did(
         app.send_task("tests.add", (index, 1))
     for index in range(3):
         app.send_task("tests.fail", (f"boom {index}",))
-    wait_for(
-        lambda: (
-            exporter.total("celery_task_failed_total") == 3
-            and exporter.total("celery_task_succeeded_total") == 4
-        ),
-        timeout=30,
-        message="tasks not counted",
-    )
+    wait_finished(exporter, succeeded=4, failed=3)
     data = overview(exporter.url)
     text = scrape(exporter.url)
     rows = {row["name"]: row for row in data["tasks"]}

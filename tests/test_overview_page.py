@@ -22,7 +22,7 @@ from selenium.webdriver.common.by import By
 from tests.celery_app import HOSTILE_MESSAGE, HOSTILE_NAME, make_app
 from tests.harness import InProcessExporter, scrape
 from tests.servers import RedisServer, free_port, wait_for
-from tests.test_overview import metric_sum
+from tests.test_overview import metric_sum, wait_finished
 from tests.test_web_security import bcrypt_hash
 from tests.workers import WorkerFactory
 
@@ -126,14 +126,7 @@ def test_the_page_draws_a_real_worker_live_and_shows_what_metrics_say(
         app.send_task("tests.add", (index, 1))
     app.send_task("tests.fail", ("boom",))
     app.send_task(HOSTILE_NAME)
-    wait_for(
-        lambda: (
-            exporter.total("celery_task_succeeded_total") == 6
-            and exporter.total("celery_task_failed_total") == 2
-        ),
-        timeout=30,
-        message="tasks not counted",
-    )
+    wait_finished(exporter, succeeded=6, failed=2)
 
     # The numbers shown are those of /metrics, once the page has refreshed.
     def shown_matches_metrics() -> bool:
