@@ -124,7 +124,9 @@
       const line = svg("polyline", { class: `series state-${state}`, points: points.join(" ") });
       line.dataset.state = state;
       line.append(svg("title", {}, state));
-      chart.append(line);
+      const [lastX, lastY] = points[points.length - 1].split(",");
+      // The latest value as a dot: a first point shows before there is a line to draw.
+      chart.append(line, svg("circle", { class: `dot state-${state}`, cx: lastX, cy: lastY, r: 3 }));
     }
   }
 
