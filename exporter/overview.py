@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__
 from .health import Health
 from .metrics import Family, Histogram, Metrics
-from .tracker import Event, Task, exception_class
+from .tracker import UNKNOWN, Event, Task, exception_class
 from .web import Status, diagnosis
 
 SAMPLE_SECONDS = 10.0
@@ -45,13 +45,12 @@ class History:
     """Totals of task states and events, one sample every 10 s for the last 15 minutes.
 
     ``sample`` runs on the event thread at each tick of the receive loop; the
-    ring holds ``SAMPLES`` tuples of eight numbers, whatever the traffic.
+    ring holds ``SAMPLES`` tuples of seven numbers, whatever the traffic.
     """
 
     def __init__(self, metrics: Metrics, health: Health) -> None:
         self.health = health
         self._families = [metrics.families[f"celery_task_{state}_total"] for state in STATES]
-        self._invalid = metrics.families["celery_exporter_events_invalid_total"]
         self.samples: deque[tuple[float, ...]] = deque(maxlen=SAMPLES)
         self._next = 0.0
 
@@ -63,8 +62,7 @@ class History:
         if self._next <= now:
             self._next = now + SAMPLE_SECONDS
         totals = (_total(family) or 0.0 for family in self._families)
-        invalid = _total(self._invalid) or 0.0
-        self.samples.append((now, self.health.events_received, invalid, *totals))
+        self.samples.append((now, self.health.events_received, *totals))
 
     def view(self) -> dict[str, Any]:
         """Tasks per interval by state; a series shrunk by a purged worker reads 0, not less."""
@@ -75,7 +73,7 @@ class History:
             "window_seconds": WINDOW_SECONDS,
             "time": [after[0] for _, after in pairs],
         }
-        for index, state in enumerate(STATES, start=3):
+        for index, state in enumerate(STATES, start=2):
             view[state] = [max(0.0, after[index] - before[index]) for before, after in pairs]
         failed, succeeded = sum(view["failed"]), sum(view["succeeded"])
         view["failure_ratio"] = failed / (failed + succeeded) if failed + succeeded else None
@@ -110,7 +108,7 @@ class FailureRing:
         text = _text(event.get("exception"), MESSAGE_CHARS)
         exception = exception_class(text)
         message = text
-        if exception != "unknown" and text.startswith(exception + "(") and text.endswith(")"):
+        if exception != UNKNOWN and text.startswith(exception + "(") and text.endswith(")"):
             message = text[len(exception) + 1 : -1]
         traceback = event.get("traceback")
         self.failures.append(
@@ -154,17 +152,18 @@ def quantile(q: float, bounds: Sequence[float], counts: Sequence[float]) -> floa
     return bounds[-1]
 
 
-def _by_name(family: Family | None, index: int = 0) -> dict[str, float]:
-    """A counter or gauge family summed by one label (the task name, by default)."""
+def _by_first(family: Family | None) -> dict[str, float]:
+    """A counter or gauge family summed by its first label (task name, queue or hostname);
+    empty when the family is not exported."""
     sums: dict[str, float] = {}
     if family is None or isinstance(family, Histogram):
         return sums
-    for key, value in list(family.values.items()):
-        sums[key[index]] = sums.get(key[index], 0.0) + value
+    for (first, *_), value in list(family.values.items()):
+        sums[first] = sums.get(first, 0.0) + value
     return sums
 
 
-def _histograms_by_name(family: Histogram) -> dict[str, list[float]]:
+def _histograms_by_first(family: Histogram) -> dict[str, list[float]]:
     """Bucket counts per task name, summed over queues."""
     merged: dict[str, list[float]] = {}
     for (name, *_), series in list(family.values.items()):
@@ -218,22 +217,22 @@ class Overview:
         """The busiest task names (most started since the exporter started), with percentiles
         of their run time and queue wait since the exporter started."""
         get = self.metrics.families.get
-        started = _by_name(get("celery_task_started_total"))
-        finished = {state: _by_name(get(f"celery_task_{state}_total")) for state in STATES}
+        started = _by_first(get("celery_task_started_total"))
+        finished = {state: _by_first(get(f"celery_task_{state}_total")) for state in STATES}
         names = set(started).union(*finished.values())
         succeeded = finished["succeeded"]
         busiest = sorted(
             names, key=lambda name: (-started.get(name, 0.0), -succeeded.get(name, 0.0), name)
         )[:BUSIEST_TASKS]
         running_family = get("celery_task_running")
-        running = _by_name(running_family)
+        running = _by_first(running_family)
         oldest: dict[str, float] = {}
         oldest_family = get("celery_task_oldest_running_start_timestamp_seconds")
         if oldest_family is not None and not isinstance(oldest_family, Histogram):
             for (name, *_), start in list(oldest_family.values.items()):
                 oldest[name] = min(start, oldest.get(name, start))
         timings = {
-            kind: (family.bounds, _histograms_by_name(family))
+            kind: (family.bounds, _histograms_by_first(family))
             for kind, family in (
                 ("runtime", self.metrics.histogram("celery_task_runtime_seconds")),
                 ("queue_wait", self.metrics.histogram("celery_task_queue_wait_seconds")),
@@ -256,24 +255,18 @@ class Overview:
     def _queues(self) -> list[dict[str, Any]]:
         get = self.metrics.families.get
         columns = {
-            "length": _by_name(get("celery_queue_length")),
-            "consumers": _by_name(get("celery_queue_consumers")),
-            "workers": _by_name(get("celery_queue_workers")),
+            column: _by_first(get(f"celery_queue_{column}"))
+            for column in ("length", "consumers", "workers")
         }
-        present = {column: get(f"celery_queue_{column}") is not None for column in columns}
         return [
-            {"name": queue}
-            | {
-                column: values.get(queue) if present[column] else None
-                for column, values in columns.items()
-            }
+            {"name": queue} | {column: values.get(queue) for column, values in columns.items()}
             for queue in sorted(set().union(*columns.values()))
         ]
 
     def _workers(self, status: Status, now: float) -> list[dict[str, Any]]:
         get = self.metrics.families.get
         columns = {
-            column: (get(name), _by_name(get(name)))
+            column: _by_first(get(name))
             for column, name in (
                 ("active", "celery_worker_tasks_active"),
                 ("pool_size", "celery_worker_pool_size"),
@@ -286,10 +279,7 @@ class Overview:
             {
                 "hostname": worker.hostname,
                 "up": worker.up,
-                **{
-                    column: values.get(worker.hostname) if family is not None else None
-                    for column, (family, values) in columns.items()
-                },
+                **{column: values.get(worker.hostname) for column, values in columns.items()},
                 "heartbeat_age_seconds": now - worker.last_heartbeat,
                 "version": worker.version,
             }
