@@ -339,6 +339,14 @@ class Config:
         parse=_web_config_file,
         metavar="FILE",
     )
+    recent_failures: int = option(
+        100,
+        "Failures the overview page lists (task, worker, exception and traceback, never "
+        "arguments or results); 0 turns the list off.",
+        group=HTTP,
+        parse=_integer(0, 10_000),
+        metavar="N",
+    )
     otlp_traces: bool = option(
         False,
         "Export one OpenTelemetry span per task over OTLP, configured by the standard "

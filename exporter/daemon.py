@@ -17,6 +17,7 @@ from .decode import REASONS
 from .exposition import Registry
 from .health import Health
 from .metrics import Metrics
+from .overview import FailureRing, History, Overview
 from .periodic import Periodic
 from .pipeline import UNPROCESSABLE, Pipeline
 from .queues import QueuePoller
@@ -42,6 +43,7 @@ class Daemon:
     health: Health
     tracker: Tracker
     receiver: Receiver
+    overview: Overview
     background: tuple[Periodic, ...] = ()
 
     @classmethod
@@ -60,6 +62,7 @@ class Daemon:
         registry.register(ProcessCollector(registry=None))
         registry.register(PlatformCollector(registry=None))
         health = Health(metrics, config.masked_broker_url())
+        failures = FailureRing(config.recent_failures) if config.recent_failures else None
         tracker = Tracker(
             metrics,
             max_tracked_tasks=config.max_tracked_tasks,
@@ -68,13 +71,16 @@ class Daemon:
             purge_offline_after=config.purge_offline_after,
             max_label_values=config.max_label_values,
             spans=_spans(config),
+            on_failure=failures.record if failures else None,
         )
-        pipeline = Pipeline(tracker, health, metrics)
+        history = History(metrics, health)
+        pipeline = Pipeline(tracker, health, metrics, on_tick=history.sample)
         receiver = receiver_class(config.broker_url)(config, pipeline, health)
         background: tuple[Periodic, ...] = (QueuePoller(config, metrics, tracker.queues_seen),)
         if config.enable_events:
             background += (EventsEnabler(config),)
-        return cls(config, registry, metrics, health, tracker, receiver, background)
+        overview = Overview(metrics, history, failures)
+        return cls(config, registry, metrics, health, tracker, receiver, overview, background)
 
     def start_background(self) -> None:
         """Start the jobs that ask the broker on a schedule (queue probes, enable_events)."""
@@ -107,10 +113,17 @@ class Daemon:
     def serve(self) -> ExporterServer:
         path = self.config.web_config_file
         security = WebSecurity(path) if path else None
-        server = serve(self.config.host, self.config.port, self.registry, self.status, security)
+        server = serve(
+            self.config.host,
+            self.config.port,
+            self.registry,
+            self.status,
+            security,
+            overview=lambda: self.overview.view(self.status()),
+        )
         scheme = "https" if security and security.current().ssl_context else "http"
         log.info(
-            "serving metrics on %s://%s:%d/metrics",
+            "serving the overview on %s://%s:%d/ and metrics on /metrics",
             scheme,
             self.config.host,
             server.server_address[1],

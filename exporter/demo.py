@@ -201,7 +201,7 @@ def run(config: Config) -> int:
     client = threading.Thread(target=send_tasks, args=(make_app(folder), stop), daemon=True)
     client.start()
     log.info(
-        "demo cluster in %s (worker log: worker.log); open http://localhost:%d/",
+        "demo cluster in %s (worker log: worker.log); the live overview: http://localhost:%d/",
         folder,
         config.port,
     )

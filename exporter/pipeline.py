@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from .decode import MALFORMED, InvalidMessage, check_event, decode_body, unwrap_redis_envelope
 from .health import Health
@@ -25,9 +26,16 @@ UNPROCESSABLE = "unprocessable"
 class Pipeline:
     """Receives raw messages from a receiver and applies their events."""
 
-    def __init__(self, tracker: Tracker, health: Health, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        tracker: Tracker,
+        health: Health,
+        metrics: Metrics,
+        on_tick: Callable[[float], None] | None = None,
+    ) -> None:
         self.tracker = tracker
         self.health = health
+        self.on_tick = on_tick  # at each tick too, on this thread: the overview's history
         self._invalid = metrics.counter("celery_exporter_events_invalid_total")
         self._next_tick = 0.0
         self._logged_at: dict[str, float] = {}
@@ -70,6 +78,8 @@ class Pipeline:
             self._next_tick = now + TICK_SECONDS
             self.tracker.tick(now)
             self.health.beat()
+            if self.on_tick is not None:
+                self.on_tick(now)
 
     def on_unreadable(self, detail: str) -> None:
         """A message the transport itself could not parse, so never reached us."""

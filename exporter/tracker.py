@@ -97,6 +97,7 @@ class Tracker:
         purge_offline_after: float,
         max_label_values: int,
         spans: SpanHooks | None = None,
+        on_failure: TaskHandler | None = None,
     ) -> None:
         self.metrics = metrics
         self.spans = spans
@@ -157,6 +158,8 @@ class Tracker:
         self._type_labels = {kind: (kind,) for kind in (*self._on_task, *self._on_worker)}
         if spans is not None:
             self._trace(spans)
+        if on_failure is not None:  # chained once, like the span hooks: off costs nothing
+            self._on_task["task-failed"] = _then(self._on_task["task-failed"], on_failure)
 
     def handle(self, event: Event, arrival: float) -> None:
         """Apply one event that passed ``decode.check_event``."""

@@ -1,7 +1,10 @@
-"""The HTTP endpoint: /metrics, /healthz, /readyz and a landing page.
+"""The HTTP endpoint: /metrics, /healthz, /readyz, the overview page and its API.
 
 Served from its own threads and reading only what the event thread already
-recorded, so a scrape never waits on the broker or the workers.
+recorded, so a scrape never waits on the broker or the workers. The page's
+assets ship in the package (``exporter/static``) and are served under a
+strict Content-Security-Policy: no inline script or style, nothing from
+elsewhere.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ import html
 import logging
 import socket
 import ssl
+import string
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, generate_latest
 
@@ -31,6 +38,27 @@ OPEN_PATHS = ("/healthz", "/readyz")
 and all they tell is one bit each."""
 QUIET_SECONDS = 60.0
 """No event for this long after connecting earns a diagnosis on the landing page."""
+API_PATH = "/api/v1/overview"
+_STATIC = resources.files(__package__) / "static"
+PAGE = string.Template((_STATIC / "index.html").read_text(encoding="utf-8"))
+ASSETS: dict[str, tuple[bytes, str]] = {
+    f"/static/{name}": ((_STATIC / name).read_bytes(), content_type)
+    for name, content_type in (
+        ("overview.js", "text/javascript; charset=utf-8"),
+        ("overview.css", "text/css; charset=utf-8"),
+        ("favicon.svg", "image/svg+xml"),
+    )
+}
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+"""On the page, its assets and its API: a value from the network can never run as code."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +128,13 @@ class Handler(BaseHTTPRequestHandler):
             )
         elif path == "/":
             page = landing_page(self.server.status(), time.time())
-            self._send(200, page.encode(), "text/html; charset=utf-8")
+            self._send(200, page.encode(), "text/html; charset=utf-8", PAGE_HEADERS)
+        elif path == API_PATH and self.server.overview is not None:
+            body = orjson.dumps(self.server.overview())
+            self._send(200, body, "application/json", PAGE_HEADERS)
+        elif path in ASSETS:
+            body, content_type = ASSETS[path]
+            self._send(200, body, content_type, PAGE_HEADERS)
         else:
             self._send(404, b"not found\n")
 
@@ -149,11 +183,13 @@ class ExporterServer(ThreadingHTTPServer):
         registry: CollectorRegistry,
         status: Callable[[], Status],
         security: WebSecurity | None = None,
+        overview: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(address, Handler)
         self.registry = registry
         self.status = status
         self.security = security
+        self.overview = overview
 
     def get_request(self) -> tuple[socket.socket, object]:
         """Each connection gets the TLS context in force when it arrives.
@@ -178,9 +214,10 @@ def serve(
     registry: CollectorRegistry,
     status: Callable[[], Status],
     security: WebSecurity | None = None,
+    overview: Callable[[], dict[str, Any]] | None = None,
 ) -> ExporterServer:
     """Start serving in a background thread; ``shutdown()`` stops it."""
-    server = ExporterServer((host, port), registry, status, security)
+    server = ExporterServer((host, port), registry, status, security, overview)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
 
@@ -200,33 +237,13 @@ def diagnosis(status: Status, now: float) -> str:
 
 
 def landing_page(status: Status, now: float) -> str:
-    esc = html.escape
-    rows = (
-        "".join(
-            f"<tr><td>{esc(w.hostname)}</td><td>{'up' if w.up else 'down'}</td>"
-            f"<td>{now - w.last_heartbeat:.0f} s ago</td><td>{esc(w.version)}</td></tr>"
-            for w in status.workers
-        )
-        or '<tr><td colspan="4">No worker seen yet.</td></tr>'
-    )
+    """The overview page as first served: what it says before its script has run, the
+    diagnosis included, so that a browser without JavaScript still shows what is wrong."""
     problem = diagnosis(status, now)
-    last = f"{now - status.last_event_at:.0f} s ago" if status.last_event_at else "never"
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Celery events exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 12px;text-align:left}}
-.problem{{background:#fee;border:1px solid #c33;padding:8px}}</style></head>
-<body><h1>Celery events exporter {esc(__version__)}</h1>
-<p><a href="/metrics">Metrics</a> · <a href="/healthz">/healthz</a> ·
-<a href="/readyz">/readyz</a></p>
-{f'<p class="problem">{esc(problem)}</p>' if problem else ""}
-<table>
-<tr><th>Broker</th><td>{esc(status.broker)}</td></tr>
-<tr><th>Connection</th><td>{"connected" if status.connected else "disconnected"}</td></tr>
-<tr><th>Events received</th><td>{status.events_received}</td></tr>
-<tr><th>Last event</th><td>{last}</td></tr>
-</table>
-<h2>Workers</h2>
-<table><tr><th>Hostname</th><th>State</th><th>Last heartbeat</th><th>Version</th></tr>
-{rows}</table>
-</body></html>
-"""
+    return PAGE.substitute(
+        version=html.escape(__version__),
+        broker=html.escape(status.broker),
+        connection="connected" if status.connected else "disconnected",
+        diagnosis=html.escape(problem),
+        problem_hidden="" if problem else " hidden",
+    )

@@ -19,7 +19,11 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Reject
 
-__all__ = ["TASK_NAMES", "app", "make_app"]
+__all__ = ["HOSTILE_MESSAGE", "HOSTILE_NAME", "TASK_NAMES", "app", "make_app"]
+
+HOSTILE_NAME = "tests.<script>window.owned = 1</script>"
+"""A task name that is markup, for pages that must show it as text."""
+HOSTILE_MESSAGE = '<img src="/nowhere" onerror="window.owned = 2">'
 
 TASK_NAMES = (
     "tests.add",
@@ -30,6 +34,7 @@ TASK_NAMES = (
     "tests.noop",
     "tests.reject",
     "tests.sleep_then_fail",
+    HOSTILE_NAME,
 )
 
 
@@ -69,6 +74,9 @@ def reject() -> None:
 def sleep_then_fail(seconds: float) -> None:
     time.sleep(seconds)
     raise TimeoutError(f"gave up after {seconds} s")
+def hostile() -> None:
+    """Fails with a message that is markup too."""
+    raise ValueError(HOSTILE_MESSAGE)
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -102,6 +110,7 @@ def make_app(broker_url: str, sent_events: bool = True) -> Celery:
     celery.task(name="tests.noop")(noop)
     celery.task(name="tests.reject", acks_late=True)(reject)
     celery.task(name="tests.sleep_then_fail")(sleep_then_fail)
+    celery.task(name=HOSTILE_NAME)(hostile)
     return celery
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 from exporter.metrics import METRICS
-from tests.harness import ExporterProcess
+from tests.harness import ExporterProcess, scrape
 from tests.servers import wait_for
 
 # Families a one-worker filesystem cluster cannot show: consumers are reported by
@@ -24,8 +27,19 @@ def _families(exporter: ExporterProcess) -> set[str]:
     return names
 
 
+def _overview(exporter: ExporterProcess) -> dict[str, Any]:
+    return json.loads(scrape(exporter.url, "/api/v1/overview"))
+
+
+def _moving(exporter: ExporterProcess) -> bool:
+    """The overview has a throughput point with finished tasks, and a failure listed."""
+    data = _overview(exporter)
+    return bool(sum(data["throughput"]["succeeded"]) and data["recent_failures"]["items"])
+
+
 def test_the_demo_serves_every_family_within_30_seconds_and_cleans_up() -> None:
     exporter = ExporterProcess(["--demo"])
+    started = time.monotonic()
     try:
         exporter.wait_serving()
         wanted = {spec.name for spec in METRICS} - NOT_IN_DEMO
@@ -41,6 +55,14 @@ def test_the_demo_serves_every_family_within_30_seconds_and_cleans_up() -> None:
             if name == "celery_exporter_events_invalid_total" and value
         }
         assert invalid == {}
+        # It opens on the live overview, whose charts move within the same 30 s.
+        assert f"the live overview: http://localhost:{exporter.port}/" in exporter.log()
+        assert 'src="/static/overview.js"' in scrape(exporter.url, "/")
+        wait_for(
+            lambda: _moving(exporter),
+            timeout=max(1.0, 30 - (time.monotonic() - started)),
+            message=lambda: str(_overview(exporter)),
+        )
     finally:
         assert exporter.stop(signal.SIGINT) == 0
     folder = re.search(r"demo cluster in (\S+)", exporter.log())

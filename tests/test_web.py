@@ -79,5 +79,8 @@ def test_a_quiet_stream_is_diagnosed() -> None:
     assert diagnosis(_status_at(True, 1990.0), now=2000.0) == ""
     assert "started with -E" in diagnosis(_status_at(True, 1900.0), now=2000.0)
     assert "started with -E" in diagnosis(_status_at(True, None), now=2000.0)
-    page = landing_page(_status_at(True, 1990.0), now=2000.0)
-    assert "<td>celery@w1</td><td>up</td><td>10 s ago</td><td>5.7.0</td>" in page
+    assert '<p id="problem" class="problem" hidden></p>' in landing_page(
+        _status_at(True, 1990.0), now=2000.0
+    )
+    page = landing_page(_status_at(True, 1900.0), now=2000.0)
+    assert '<p id="problem" class="problem">Connected, but no events for a minute.' in page
