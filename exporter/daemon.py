@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from . import __version__, redis_pubsub
+from . import __version__
+from .amqp_reader import PROTOCOL
 from .config import Config
 from .control import EventsEnabler
 from .decode import REASONS
@@ -20,7 +21,7 @@ from .metrics import Metrics
 from .periodic import Periodic
 from .pipeline import UNPROCESSABLE, Pipeline
 from .queues import QueuePoller
-from .receiver import KombuReceiver, Receiver
+from .receiver import Receiver, receiver_class
 from .tracker import SpanHooks, Tracker
 from .web import ExporterServer, Status, WorkerStatus, serve
 from .webconfig import WebSecurity
@@ -52,7 +53,7 @@ class Daemon:
             static_labels=config.static_labels,
         )
         metrics.gauge("celery_exporter_build_info").set((__version__,), 1)
-        for reason in (*REASONS, UNPROCESSABLE):
+        for reason in (*REASONS, UNPROCESSABLE, PROTOCOL):
             metrics.counter("celery_exporter_events_invalid_total").inc((reason,), 0)
         registry = Registry()
         registry.register(metrics)
@@ -67,10 +68,7 @@ class Daemon:
             spans=_spans(config),
         )
         pipeline = Pipeline(tracker, health, metrics)
-        receiver_class = (
-            redis_pubsub.RedisReceiver if redis_pubsub.handles(config.broker_url) else KombuReceiver
-        )
-        receiver = receiver_class(config, pipeline, health)
+        receiver = receiver_class(config.broker_url)(config, pipeline, health)
         background: tuple[Periodic, ...] = (QueuePoller(config, metrics, tracker.queues_seen),)
         if config.enable_events:
             background += (EventsEnabler(config),)

@@ -71,9 +71,9 @@ class Pipeline:
             self.tracker.tick(now)
             self.health.beat()
 
-    def on_unreadable(self, detail: str) -> None:
+    def on_unreadable(self, detail: str, reason: str = MALFORMED) -> None:
         """A message the transport itself could not parse, so never reached us."""
-        self._drop(MALFORMED, detail)
+        self._drop(reason, detail)
 
     def _drop(self, reason: str, detail: str) -> None:
         self._invalid.inc((reason,))
