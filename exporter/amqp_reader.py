@@ -40,13 +40,17 @@ CLOSE_SECONDS = 0.5
 METHOD, HEADER, BODY, HEARTBEAT = 1, 2, 3, 8
 FRAME_END = 0xCE
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
+_PEEK = struct.Struct(">BHII")  # and the first 4 payload octets: a method's class and id
 _IDS = struct.Struct(">HH")  # class id, method id
 _CONTENT = struct.Struct(">QH")  # body size, first property flags word (after class, weight)
 _REPLY = struct.Struct(">HB")  # reply code, length of the reply text
 _FLAGS = struct.Struct(">H")
+# A content header frame up to its first property flags word: type, channel, size,
+# (class id, weight skipped), body size, flags.
+_HEAD = struct.Struct(">BHI4xQH")
+_DELIVER = (60 << 16) | 60  # basic.deliver: class 60, method 60
 _CONTENT_TYPE_FLAG = 0x8000
 _MORE_FLAGS = 0x0001
-DELIVER = (60 << 16) | 60  # basic.deliver as one 32-bit word
 
 CONNECTION_CLOSE, CONNECTION_CLOSE_OK = (10, 50), (10, 51)
 CONNECTION_BLOCKED, CONNECTION_UNBLOCKED = (10, 60), (10, 61)
@@ -86,6 +90,8 @@ MethodHandler = Callable[[int, tuple[int, int], bytes], None]
 class Frames:
     """Splits frames out of bytes read in bulk and hands each delivery's body on.
 
+    The buffer is one preallocated bytearray: reads go to ``room()``, and only
+    a partial frame is ever kept, moved to the front when room runs short.
     Deliveries come on ``channel`` only; other methods (on it or on channel 0)
     go to ``on_method`` as (channel, (class id, method id), arguments). Bodies
     over ``MAX_BODY_BYTES`` are skipped frame by frame, never stored, and counted.
@@ -94,23 +100,56 @@ class Frames:
     def __init__(self, sink: Sink, channel: int, frame_max: int, on_method: MethodHandler) -> None:
         self.sink = sink
         self.channel = channel
-        # The frame header and frame-end octet count in frame_max.
-        self.payload_max = min(frame_max, FRAME_LIMIT) - 8
+        limit = min(frame_max, FRAME_LIMIT)
+        self.payload_max = limit - 8  # the frame header and frame-end octet count in frame_max
         self.on_method = on_method
+        self.capacity = limit + 2 * READ_BYTES
+        # Slack past capacity: a frame header is read with the 4 octets after it.
+        self.data = bytearray(self.capacity + 4)
+        self._view = memoryview(self.data)
+        self.start = self.end = 0
         self._expect = _ANY
         self._remaining = 0
         self._body_size = 0
         self._parts: list[bytes] = []
         self._content_type: str | None = None
+        self._known_type = b"\xff"  # the last content type as sent: length octet, then text
+        self._known_str: str | None = None
 
-    def split(self, data: bytearray, start: int, end: int, arrival: float) -> int:
+    def room(self) -> memoryview:
+        """Where the next read goes (never empty)."""
+        return self._view[self.end : self.capacity]
+
+    def filled(self, size: int, arrival: float) -> None:
+        """``size`` octets were read into ``room()``: handle the whole frames."""
+        end = self.end = self.end + size
+        start = self.start = self.split(self.start, end, arrival)
+        if start == end:
+            self.start = self.end = 0
+        elif end + READ_BYTES > self.capacity:  # the partial frame moves to the front
+            self.data[: end - start] = self.data[start:end]
+            self.start, self.end = 0, end - start
+
+    def feed(self, octets: bytes, arrival: float) -> None:
+        """Octets read elsewhere (py-amqp's read-ahead), in as many pieces as they need."""
+        while octets:
+            room = self.room()
+            size = min(len(room), len(octets))
+            room[:size] = octets[:size]
+            self.filled(size, arrival)
+            octets = octets[size:]
+
+    def split(self, start: int, end: int, arrival: float) -> int:
         """Handle every whole frame in ``data[start:end]``; return where the rest begins."""
-        unpack_frame = _FRAME.unpack_from
+        data = self.data
+        view = self._view
+        unpack_frame = _PEEK.unpack_from
+        unpack_head = _HEAD.unpack_from
         payload_max = self.payload_max
         ours = self.channel
         on_body = self.sink.on_body
         while end - start >= 8:
-            kind, channel, size = unpack_frame(data, start)
+            kind, channel, size, method = unpack_frame(data, start)
             if size > payload_max:
                 raise ProtocolError(f"a {size + 8}-byte frame, over the {payload_max + 8} agreed")
             payload = start + 7
@@ -119,59 +158,89 @@ class Frames:
                 break
             if data[stop] != FRAME_END:
                 raise ProtocolError(f"frame-end octet {data[stop]:#04x}, not 0xce")
-            if kind == BODY:
-                if channel != ours or self._expect != _BODY:
-                    raise ProtocolError(f"a body frame on channel {channel} out of place")
-                remaining = self._remaining - size
-                if remaining < 0:
-                    raise ProtocolError("body frames longer than their content header said")
-                parts = self._parts
-                if remaining:
-                    self._remaining = remaining
-                    if self._body_size <= MAX_BODY_BYTES:
-                        parts.append(bytes(data[payload:stop]))
-                else:
-                    self._expect = _ANY
-                    if parts:
-                        parts.append(bytes(data[payload:stop]))
-                        on_body(b"".join(parts), self._content_type, arrival)
-                        parts.clear()
-                    elif self._body_size <= MAX_BODY_BYTES:
-                        on_body(bytes(data[payload:stop]), self._content_type, arrival)
-                    else:
-                        self.sink.on_unreadable(f"a {self._body_size}-byte body", TOO_LARGE)
-            elif kind == METHOD:
-                if size < 4:
-                    raise ProtocolError(f"a {size}-byte method frame")
-                if channel == ours:
-                    if self._expect != _ANY:
-                        raise ProtocolError("a method frame in the middle of a delivery")
-                    if data[payload : payload + 4] == b"\x00\x3c\x00\x3c":  # basic.deliver
-                        self._expect = _HEADER
-                    else:
-                        self.on_method(
-                            channel, _IDS.unpack_from(data, payload), data[payload + 4 : stop]
-                        )
-                elif channel == 0:
-                    self.on_method(
-                        channel, _IDS.unpack_from(data, payload), data[payload + 4 : stop]
-                    )
-                else:
-                    raise ProtocolError(f"a method on channel {channel}, never opened")
+            if kind == METHOD and method == _DELIVER and channel == ours:
+                # The common case in one go: a delivery whose header (with the content type
+                # seen last, or none) and single body frame are all in the buffer.
+                head = stop + 1
+                if head + 22 <= end and self._expect == _ANY:
+                    kind, channel, size, body_size, flags = unpack_head(data, head)
+                    body = head + 8 + size
+                    last = body + 7 + body_size
+                    if (
+                        kind == HEADER
+                        and channel == ours
+                        and last < end
+                        and body_size <= MAX_BODY_BYTES
+                        and data[body - 1] == FRAME_END
+                        and data[last] == FRAME_END
+                        and unpack_frame(data, body)[:3] == (BODY, ours, body_size)
+                        and not flags & _MORE_FLAGS
+                    ):
+                        if not flags & _CONTENT_TYPE_FLAG:
+                            on_body(view[body + 7 : last].tobytes(), None, arrival)
+                            start = last + 1
+                            continue
+                        known = self._known_type
+                        at = head + 21
+                        if size >= 14 + len(known) and data[at : at + len(known)] == known:
+                            on_body(view[body + 7 : last].tobytes(), self._known_str, arrival)
+                            start = last + 1
+                            continue
+                self._expect_header()
+            elif kind == BODY:
+                self._body(channel, payload, stop, arrival)
             elif kind == HEADER:
                 if channel != ours or self._expect != _HEADER:
                     raise ProtocolError(f"a content header on channel {channel} out of place")
-                self._header(data, payload, stop)
+                self._header(payload, stop)
                 if not self._remaining:
                     self._expect = _ANY
                     on_body(b"", self._content_type, arrival)
+            elif kind == METHOD:
+                if size < 4:
+                    raise ProtocolError(f"a {size}-byte method frame")
+                if channel != ours and channel != 0:
+                    raise ProtocolError(f"a method on channel {channel}, never opened")
+                if channel == ours and self._expect != _ANY:
+                    raise ProtocolError("a method frame in the middle of a delivery")
+                self.on_method(channel, divmod(method, 1 << 16), bytes(data[payload + 4 : stop]))
             elif kind != HEARTBEAT:
                 raise ProtocolError(f"unknown frame type {kind}")
             start = stop + 1
         return start
 
-    def _header(self, data: bytearray, payload: int, stop: int) -> None:
+    def _expect_header(self) -> None:
+        if self._expect != _ANY:
+            raise ProtocolError("a delivery in the middle of a delivery")
+        self._expect = _HEADER
+
+    def _body(self, channel: int, payload: int, stop: int, arrival: float) -> None:
+        """One body frame: the body is handed on with its last frame."""
+        if channel != self.channel or self._expect != _BODY:
+            raise ProtocolError(f"a body frame on channel {channel} out of place")
+        remaining = self._remaining - (stop - payload)
+        if remaining < 0:
+            raise ProtocolError("body frames longer than their content header said")
+        data = self.data
+        parts = self._parts
+        wanted = self._body_size <= MAX_BODY_BYTES
+        if remaining:
+            self._remaining = remaining
+            if wanted:
+                parts.append(bytes(data[payload:stop]))
+            return
+        self._expect = _ANY
+        if not wanted:
+            self.sink.on_unreadable(f"a {self._body_size}-byte body", TOO_LARGE)
+            return
+        parts.append(bytes(data[payload:stop]))
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        self.sink.on_body(body, self._content_type, arrival)
+
+    def _header(self, payload: int, stop: int) -> None:
         """Body size and content type from a content header; the body frames come next."""
+        data = self.data
         if stop - payload < 14:
             raise ProtocolError("a content header too short for its fields")
         body_size, flags = _CONTENT.unpack_from(data, payload + 4)
@@ -186,7 +255,9 @@ class Frames:
         if flags & _CONTENT_TYPE_FLAG:
             if at >= stop or at + 1 + data[at] > stop:
                 raise ProtocolError("a content type past the end of its header")
-            content_type = data[at + 1 : at + 1 + data[at]].decode("latin-1")
+            known = bytes(data[at : at + 1 + data[at]])
+            content_type = known[1:].decode("latin-1")
+            self._known_type, self._known_str = known, content_type
         self._content_type = content_type
         self._body_size = self._remaining = body_size
         self._expect = _BODY
@@ -217,37 +288,24 @@ class AMQPReceiver(KombuReceiver):
         frame_max: int = client.frame_max  # type: ignore[attr-defined]
         heartbeat: float = client.heartbeat or 0  # type: ignore[attr-defined]
         frames = Frames(self.sink, channel_id, frame_max, self._on_method)
-        capacity = min(frame_max, FRAME_LIMIT) + 2 * READ_BYTES
-        data = bytearray(capacity)
-        view = memoryview(data)
         # What py-amqp read past consume-ok: the first deliveries, maybe.
-        early: bytes = transport._read_buffer
-        end = len(early)
-        data[:end] = early
-        start = 0
-        split, recv_into, on_idle = frames.split, sock.recv_into, self.sink.on_idle
-        stopping = self.stopping
+        frames.feed(transport._read_buffer, time.time())
+        room, filled, recv_into = frames.room, frames.filled, sock.recv_into
+        on_idle, stopping = self.sink.on_idle, self.stopping
         sock.settimeout(min(POLL_SECONDS, heartbeat / 2) if heartbeat else POLL_SECONDS)
         self.connected()
         heard = time.monotonic()
         beat_at = heard + heartbeat / 2
         try:
             while not stopping.is_set():
-                if end > start:
-                    start = split(data, start, end, time.time())
-                    if start == end:
-                        start = end = 0
-                    elif end + READ_BYTES > capacity:  # the partial frame moves to the front
-                        data[: end - start] = data[start:end]
-                        start, end = 0, end - start
                 try:
-                    size = recv_into(view[end:])
+                    size = recv_into(room())
                 except TimeoutError:
                     size = -1
                 now = time.monotonic()
                 if size > 0:
-                    end += size
                     heard = now
+                    filled(size, time.time())
                 elif size == 0:
                     raise ConnectionError("the broker closed the connection")
                 else:
@@ -266,7 +324,7 @@ class AMQPReceiver(KombuReceiver):
             raise
         finally:
             if self._open:
-                self._close(sock, view)
+                self._close(sock, frames.room())
 
     def _send(self, frame: bytes) -> None:
         self._sock.sendall(frame)
