@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -32,6 +33,13 @@ POLL_SECONDS = 1.0
 """How long a read may block, so ticks and stop requests are seen at least this often."""
 
 
+CERT_REQS = {
+    "CERT_NONE": ssl.CERT_NONE,
+    "CERT_OPTIONAL": ssl.CERT_OPTIONAL,
+    "CERT_REQUIRED": ssl.CERT_REQUIRED,
+}
+"""``cert_reqs`` as written in the configuration, to what the ssl module takes."""
+
 # Transport options that bound every socket read and write, per kombu driver type.
 _TIMEOUT_OPTIONS = {
     "amqp": ("read_timeout", "write_timeout"),
@@ -51,7 +59,11 @@ def broker_connection(
     connection = Connection(
         config.broker_url,
         transport_options=dict(config.broker_transport_options),
-        ssl=dict(config.broker_ssl_options) or None,
+        ssl={
+            key: CERT_REQS.get(value, value) if key == "cert_reqs" else value
+            for key, value in config.broker_ssl_options.items()
+        }
+        or None,
         heartbeat=heartbeat,
         **bounds,
     )

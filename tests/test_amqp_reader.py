@@ -7,9 +7,17 @@ test needs it (TLS, a short heartbeat, a small frame_max).
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import amqp
+import orjson
 import pytest
 
 from exporter.amqp_reader import (
@@ -20,11 +28,17 @@ from exporter.amqp_reader import (
     HEARTBEAT_FRAME,
     METHOD,
     READ_BYTES,
+    AMQPReceiver,
     Frames,
     ProtocolError,
     method_frame,
 )
 from exporter.decode import MAX_BODY_BYTES, TOO_LARGE
+from tests import test_integration as integration
+from tests.harness import InProcessExporter
+from tests.servers import RabbitMQServer, free_port, wait_for
+from tests.test_outages import SENT, sent_events
+from tests.test_web_security import make_party
 
 CHANNEL = 1
 JSON = "application/json"
@@ -184,3 +198,169 @@ def test_broken_framing_is_a_protocol_error(stream: bytes) -> None:
     with pytest.raises(ProtocolError):
         frames.feed(GOOD + stream + GOOD, 0.0)
     assert sink.bodies == [(b"{}", JSON)]
+
+
+# ----------------------------------------------------------------------------- real nodes
+
+CONNECTED = "celery_exporter_broker_connected"
+RECONNECTS = "celery_exporter_broker_reconnects_total"
+HEARTBEAT_SECONDS = 2
+SMALL_FRAME_MAX = 4096  # RabbitMQ's smallest
+
+
+@dataclass
+class TunedNode:
+    """A node with a short heartbeat, the smallest frame_max and a TLS listener."""
+
+    server: RabbitMQServer
+    tls_port: int
+    ca: Path
+
+    @property
+    def tls_url(self) -> str:
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}//"
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunedNode]:
+    directory = tmp_path_factory.mktemp("amqp-pki")
+    ca, ca_cert, ca_key = make_party(directory, "ca", None)
+    server_cert = make_party(directory, "server", (ca_cert, ca_key), server=True)[0]
+    tls_port = free_port()
+    config = (
+        f"heartbeat = {HEARTBEAT_SECONDS}\n"
+        f"frame_max = {SMALL_FRAME_MAX}\n"
+        f"listeners.ssl.1 = 127.0.0.1:{tls_port}\n"
+        f"ssl_options.cacertfile = {ca.cert}\n"
+        f"ssl_options.certfile = {server_cert.cert}\n"
+        f"ssl_options.keyfile = {server_cert.key}\n"
+        "ssl_options.verify = verify_none\n"
+        "ssl_options.fail_if_no_peer_cert = false\n"
+    )
+    try:
+        server = RabbitMQServer(config=config)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with server:
+        yield TunedNode(server, tls_port, ca.cert)
+
+
+@pytest.fixture
+def exporters() -> Iterator[Callable[..., InProcessExporter]]:
+    started: list[InProcessExporter] = []
+
+    def start(url: str, *argv: str) -> InProcessExporter:
+        exporter = InProcessExporter(["--broker-url", url, *argv])
+        started.append(exporter)
+        assert type(exporter.daemon.receiver) is AMQPReceiver
+        wait_for(lambda: exporter.sample(CONNECTED) == 1, 20, "the exporter never connected")
+        return exporter
+
+    yield start
+    for exporter in started:
+        exporter.stop()
+
+
+def publish(server: RabbitMQServer, bodies: list[bytes]) -> None:
+    """Bodies straight to the event exchange with py-amqp, as JSON."""
+    connection = amqp.Connection(f"127.0.0.1:{server.port}", userid="guest", password="guest")
+    connection.connect()
+    try:
+        channel = connection.channel()
+        for body in bodies:
+            message = amqp.Message(body, content_type=JSON, content_encoding="utf-8")
+            channel.basic_publish(message, exchange="celeryev", routing_key="task.multi")
+    finally:
+        connection.close()
+
+
+def counted(exporter: InProcessExporter, name: str, count: int, timeout: float = 15) -> None:
+    wait_for(
+        lambda: exporter.sample(SENT, {"name": name, "queue": "celery"}) == count,
+        timeout,
+        lambda: f"{name}: {exporter.sample(SENT, {'name': name, 'queue': 'celery'})} of {count}",
+    )
+
+
+def test_bodies_over_several_frames(tuned: TunedNode, exporters: Callable[..., Any]) -> None:
+    exporter = exporters(tuned.server.url)
+    bodies = [orjson.dumps(sent_events(150, "big")) for _ in range(20)]
+    assert all(len(body) > 3 * SMALL_FRAME_MAX for body in bodies)
+    publish(tuned.server, bodies)
+    counted(exporter, "big", 20 * 150)
+    assert exporter.total("celery_exporter_events_invalid_total") == 0
+
+
+def test_an_idle_connection_lives_on_heartbeats(
+    tuned: TunedNode, exporters: Callable[..., Any]
+) -> None:
+    """Idle for five heartbeat intervals of 2 s, then a node that stops answering.
+
+    RabbitMQ drops a client after two missed heartbeats (4 s here), so 10 s
+    idle shows ours go out on time as well as three minutes would, in the
+    time a test can spend. Then the node is frozen (SIGSTOP): the reader must
+    call the silent connection lost within two intervals, and come back.
+    """
+    exporter = exporters(tuned.server.url)
+    time.sleep(5 * HEARTBEAT_SECONDS)  # the idle time is the test: nothing to wait for
+    assert exporter.sample(CONNECTED) == 1
+    assert exporter.sample(RECONNECTS) == 0
+    publish(tuned.server, [orjson.dumps(sent_events(3, "idle"))])
+    counted(exporter, "idle", 3)
+
+    os.killpg(tuned.server.pid, signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        wait_for(lambda: exporter.sample(CONNECTED) == 0, 4 * HEARTBEAT_SECONDS, "silence unseen")
+        assert time.monotonic() - frozen >= 2 * HEARTBEAT_SECONDS - 1
+        assert "nothing from the broker" in exporter.daemon.health.last_error
+    finally:
+        os.killpg(tuned.server.pid, signal.SIGCONT)
+    wait_for(lambda: exporter.sample(CONNECTED) == 1, 20, "not reconnected after the thaw")
+    publish(tuned.server, [orjson.dumps(sent_events(4, "idle"))])
+    counted(exporter, "idle", 7)
+    assert exporter.sample(RECONNECTS) == 1
+
+
+def test_amqps_with_a_test_ca(tuned: TunedNode, exporters: Callable[..., Any]) -> None:
+    exporter = exporters(
+        tuned.tls_url,
+        "--broker-ssl-option",
+        f"ca_certs={tuned.ca}",
+        "--broker-ssl-option",
+        "cert_reqs=CERT_REQUIRED",
+    )
+    connections = tuned.server.ctl("list_connections", "-q", "ssl", "peer_port")
+    assert "true" in connections
+    publish(tuned.server, [orjson.dumps(sent_events(5, "tls")) for _ in range(4)])
+    counted(exporter, "tls", 20)
+
+
+def test_a_deleted_queue_is_declared_again(
+    clean_rabbitmq: RabbitMQServer, exporters: Callable[..., Any]
+) -> None:
+    exporter = exporters(clean_rabbitmq.url)
+    publish(clean_rabbitmq, [orjson.dumps(sent_events(10, "deleted"))])
+    counted(exporter, "deleted", 10)
+    (queue,) = clean_rabbitmq.queues()
+    clean_rabbitmq.ctl("delete_queue", queue)
+    wait_for(lambda: exporter.sample(RECONNECTS) == 1, 10, "the deletion went unnoticed")
+    wait_for(lambda: exporter.sample(CONNECTED) == 1, 10, "not reconnected")
+    assert clean_rabbitmq.queues() not in ([], [queue])
+    publish(clean_rabbitmq, [orjson.dumps(sent_events(5, "deleted"))])
+    counted(exporter, "deleted", 15)
+    assert exporter.total("celery_exporter_events_invalid_total") == 0
+
+
+def test_every_outcome_from_a_threads_pool(
+    clean_rabbitmq: RabbitMQServer,
+    exporters: Callable[..., Any],
+    worker_factory: Callable[..., Any],
+) -> None:
+    """Threads send one event per message: the integration mix, unbatched."""
+    exporter = exporters(clean_rabbitmq.url, "--worker-timeout", str(integration.WORKER_TIMEOUT))
+
+    def threads(url: str, **options: Any) -> Any:
+        return worker_factory(url, pool="threads", concurrency=4, **options)
+
+    integration.test_a_mix_of_outcomes_is_counted_exactly(clean_rabbitmq, exporter, threads)
