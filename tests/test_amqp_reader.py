@@ -35,6 +35,7 @@ from exporter.amqp_reader import (
 )
 from exporter.decode import MAX_BODY_BYTES, TOO_LARGE
 from tests import test_integration as integration
+from tests.celery_app import make_app
 from tests.harness import InProcessExporter
 from tests.servers import RabbitMQServer, free_port, wait_for
 from tests.test_outages import SENT, sent_events
@@ -357,10 +358,37 @@ def test_every_outcome_from_a_threads_pool(
     exporters: Callable[..., Any],
     worker_factory: Callable[..., Any],
 ) -> None:
-    """Threads send one event per message: the integration mix, unbatched."""
-    exporter = exporters(clean_rabbitmq.url, "--worker-timeout", str(integration.WORKER_TIMEOUT))
-
-    def threads(url: str, **options: Any) -> Any:
-        return worker_factory(url, pool="threads", concurrency=4, **options)
-
-    integration.test_a_mix_of_outcomes_is_counted_exactly(clean_rabbitmq, exporter, threads)
+    """Threads send one event per message: each outcome counted exactly, unbatched."""
+    exporter = exporters(clean_rabbitmq.url)
+    worker = worker_factory(clean_rabbitmq.url, pool="threads", concurrency=4)
+    wait_for(
+        lambda: exporter.sample("celery_worker_up", {"hostname": worker.hostname}) == 1,
+        30,
+        "no heartbeat from the worker",
+    )
+    app = make_app(clean_rabbitmq.url)
+    for i in range(6):
+        app.send_task("tests.add", (i, i))
+    for _ in range(3):
+        app.send_task("tests.fail", ("boom",))
+    app.send_task("tests.add", (1, 1), countdown=2, expires=1)
+    on = {"hostname": worker.hostname, "queue": "celery"}
+    add = {"name": "tests.add", **on}
+    expected = {
+        ("celery_task_sent_total", (("name", "tests.add"), ("queue", "celery"))): 7,
+        ("celery_task_received_total", integration._key(add)): 7,
+        ("celery_task_started_total", integration._key(add)): 6,
+        ("celery_task_succeeded_total", integration._key(add)): 6,
+        ("celery_task_revoked_total", integration._key(add)): 1,
+        (
+            "celery_task_failed_total",
+            integration._key({**on, "name": "tests.fail", "exception": "ValueError"}),
+        ): 3,
+        ("celery_exporter_tracked_tasks", ()): 0,
+    }
+    wait_for(
+        lambda: not integration._mismatches(exporter, expected),
+        60,
+        lambda: f"differences (got, expected): {integration._mismatches(exporter, expected)}",
+    )
+    assert exporter.total("celery_exporter_events_invalid_total") == 0
