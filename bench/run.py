@@ -345,7 +345,7 @@ class Bench:
         if stall:
             os.kill(subject.pid, signal.SIGSTOP)
         try:
-            out = subprocess.run(
+            publisher = subprocess.run(
                 [
                     sys.executable,
                     "-m",
@@ -359,12 +359,13 @@ class Bench:
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
-                check=True,
-            ).stdout
+            )
         finally:
             if stall:
                 os.kill(subject.pid, signal.SIGCONT)
-        published = json.loads(out)
+        if publisher.returncode:
+            raise RuntimeError(f"the publisher failed:\n{publisher.stderr[-3000:]}")
+        published = json.loads(publisher.stdout)
         expected = before_events + published["events"]
         cpu = settled_cpu_seconds(subject.pid) - before_cpu
         counted, last_change = subject.events(), time.monotonic()
