@@ -159,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.broker == "rabbitmq":
         connection = amqp.Connection(
-            f"{args.host}:{args.port}", userid="guest", password="guest", frame_max=FRAME_MAX
+            f"{args.host}:{args.port}",
+            userid="guest",
+            password="guest",
+            frame_max=FRAME_MAX,
+            # py-amqp's 1 s TCP_USER_TIMEOUT would end the connection whenever RabbitMQ's
+            # flow control holds the publisher back that long.
+            socket_settings={socket.TCP_USER_TIMEOUT: 0},
         )
         connection.connect()
         channel = connection.channel()

@@ -7,9 +7,12 @@ test needs it (TLS, a short heartbeat, a small frame_max).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from exporter.amqp_reader import (
     HEADER,
     HEARTBEAT_FRAME,
     METHOD,
+    PROTOCOL,
     READ_BYTES,
     AMQPReceiver,
     Frames,
@@ -205,6 +209,7 @@ def test_broken_framing_is_a_protocol_error(stream: bytes) -> None:
 
 CONNECTED = "celery_exporter_broker_connected"
 RECONNECTS = "celery_exporter_broker_reconnects_total"
+INVALID = "celery_exporter_events_invalid_total"
 HEARTBEAT_SECONDS = 2
 SMALL_FRAME_MAX = 4096  # RabbitMQ's smallest
 
@@ -392,3 +397,72 @@ def test_every_outcome_from_a_threads_pool(
         lambda: f"differences (got, expected): {integration._mismatches(exporter, expected)}",
     )
     assert exporter.total("celery_exporter_events_invalid_total") == 0
+
+
+class Proxy:
+    """Forwards TCP to a broker and can slip octets of its own into what the client reads.
+
+    Octets go in while the broker is idle, so between its frames: a broker
+    that breaks the framing, with everything else about it real.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.clients: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client = self.listener.accept()[0]
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.clients.append(client)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                with self.lock:
+                    sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def inject(self, octets: bytes) -> None:
+        """Into the newest connection, towards the client."""
+        with self.lock:
+            self.clients[-1].sendall(octets)
+
+    def close(self) -> None:
+        self.listener.close()
+        for client in self.clients:
+            client.close()
+
+
+@pytest.mark.parametrize(
+    "octets",
+    [frame(5, 0, b""), frame(METHOD, 7, b"\x00\x3c\x00\x3c"), frame(8, 0, b"")[:-1] + b"\x00"],
+    ids=["unknown frame type", "unknown channel", "missing frame-end"],
+)
+def test_a_broker_breaking_the_framing_is_counted_and_reconnected_to(
+    clean_rabbitmq: RabbitMQServer, exporters: Callable[..., Any], octets: bytes
+) -> None:
+    proxy = Proxy(clean_rabbitmq.port)
+    try:
+        exporter = exporters(f"amqp://guest:guest@127.0.0.1:{proxy.port}//")
+        publish(clean_rabbitmq, [orjson.dumps(sent_events(5, "framing"))])
+        counted(exporter, "framing", 5)
+        proxy.inject(octets)
+        wait_for(lambda: exporter.sample(RECONNECTS) == 1, 10, "the broken frame went unnoticed")
+        assert exporter.sample(INVALID, {"reason": PROTOCOL}) == 1
+        wait_for(lambda: exporter.sample(CONNECTED) == 1, 10, "not reconnected")
+        publish(clean_rabbitmq, [orjson.dumps(sent_events(5, "framing"))])
+        counted(exporter, "framing", 10)
+    finally:
+        proxy.close()
