@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness import ExporterProcess, parse, scrape
-from tests.servers import RabbitMQServer, RedisServer
+from tests.servers import RabbitMQServer, RedisServer, wait_for
 
 from .sink import TraceSink
 
@@ -248,23 +248,27 @@ class Baseline:
         self.process.wait(10)
 
 
-class RedisBroker:
+class _Broker:
+    """A private broker server the subjects and the publisher connect to."""
+
+    kind = ""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.url, self.port = server.url, server.port
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class RedisBroker(_Broker):
     """A private Redis; subjects psubscribe to the event channels."""
 
     kind = "redis"
 
-    def __init__(self) -> None:
-        self.server = RedisServer()
-        self.url, self.port = self.server.url, self.server.port
-
     def wait_subscribed(self) -> None:
-        client = self.server.client()
-        deadline = time.monotonic() + 30
-        while client.pubsub_numpat() < 1:
-            if time.monotonic() > deadline:
-                raise RuntimeError("subject never subscribed to the event channel")
-            time.sleep(0.05)
-        client.close()
+        with self.server.client() as client:
+            wait_for(lambda: client.pubsub_numpat() >= 1, 30, "subject never subscribed")
 
     @contextlib.contextmanager
     def unbounded(self) -> Iterator[None]:
@@ -277,25 +281,14 @@ class RedisBroker:
             client.config_set("client-output-buffer-limit", PUBSUB_BUFFER_LIMIT)
             client.close()
 
-    def close(self) -> None:
-        self.server.close()
 
-
-class RabbitMQBroker:
+class RabbitMQBroker(_Broker):
     """A private RabbitMQ node; subjects consume from a queue bound to the event exchange."""
 
     kind = "rabbitmq"
 
-    def __init__(self) -> None:
-        self.server = RabbitMQServer()
-        self.url, self.port = self.server.url, self.server.port
-
     def wait_subscribed(self) -> None:
-        deadline = time.monotonic() + 60
-        while not self._consumed():
-            if time.monotonic() > deadline:
-                raise RuntimeError("subject never consumed from an event queue")
-            time.sleep(0.2)
+        wait_for(self._consumed, 60, "subject never consumed from an event queue", interval=0.2)
 
     def _consumed(self) -> bool:
         out = self.server.ctl("list_queues", "-q", "--formatter", "json", "name", "consumers")
@@ -308,9 +301,6 @@ class RabbitMQBroker:
     def unbounded(self) -> Iterator[None]:
         """Nothing to lift: what a slow subject leaves queued expires after the queue's TTL."""
         yield
-
-    def close(self) -> None:
-        self.server.close()
 
 
 Broker = RedisBroker | RabbitMQBroker
@@ -422,6 +412,27 @@ class Bench:
         finally:
             subject.stop()
         return statistics.median(per_event)
+
+    def cpu_figures(self) -> dict[str, tuple[float, float]]:
+        """CPU per event of the exporter and the baseline, unbatched and batched."""
+        return {
+            "cpu_us_per_event_unbatched": (self.cpu(Exporter, False), self.cpu(Baseline, False)),
+            "cpu_us_per_event_batched": (self.cpu(Exporter, True), self.cpu(Baseline, True)),
+        }
+
+    def ladders(self) -> dict[str, tuple[float, float]]:
+        """The zero-loss rate of the exporter and the baseline, unbatched and batched."""
+        sizes = self.sizes
+        return {
+            "zero_loss_rate_unbatched": (
+                self.zero_loss(Exporter, sizes.ladder_unbatched, False),
+                self.zero_loss(Baseline, sizes.baseline_ladder, False),
+            ),
+            "zero_loss_rate_batched": (
+                self.zero_loss(Exporter, sizes.ladder_batched, True),
+                self.zero_loss(Baseline, sizes.baseline_ladder, True),
+            ),
+        }
 
     def zero_loss(self, kind: Start, ladder: tuple[float, ...], batched: bool) -> float:
         """The highest rate of the ladder sustained with zero loss (0: none)."""
@@ -588,7 +599,7 @@ def table(figures: dict[str, dict[str, Any]]) -> str:
 
 def redis_figures(sizes: Sizes, runs: list[dict[str, Any]], quick: bool) -> dict[str, Any]:
     """Every figure on Redis, with traces, memory, /metrics and overload."""
-    broker = RedisBroker()
+    broker = RedisBroker(RedisServer())
     bench = Bench(sizes, broker, runs)
     sink = TraceSink()
 
@@ -596,10 +607,7 @@ def redis_figures(sizes: Sizes, runs: list[dict[str, Any]], quick: bool) -> dict
         return Exporter(broker_url, traces=sink.endpoint)
 
     try:
-        figures = {
-            "cpu_us_per_event_unbatched": (bench.cpu(Exporter, False), bench.cpu(Baseline, False)),
-            "cpu_us_per_event_batched": (bench.cpu(Exporter, True), bench.cpu(Baseline, True)),
-        }
+        figures = bench.cpu_figures()
         traced_us = {
             mode: bench.cpu(traced, batched)
             for mode, batched in (("unbatched", False), ("batched", True))
@@ -609,15 +617,8 @@ def redis_figures(sizes: Sizes, runs: list[dict[str, Any]], quick: bool) -> dict
                 us / figures[f"cpu_us_per_event_{mode}"][0],
                 None,
             )
+        figures |= bench.ladders()
         figures |= {
-            "zero_loss_rate_unbatched": (
-                bench.zero_loss(Exporter, sizes.ladder_unbatched, False),
-                bench.zero_loss(Baseline, sizes.baseline_ladder, False),
-            ),
-            "zero_loss_rate_batched": (
-                bench.zero_loss(Exporter, sizes.ladder_batched, True),
-                bench.zero_loss(Baseline, sizes.baseline_ladder, True),
-            ),
             "rss_mb_100k_tasks": (bench.memory(Exporter), bench.memory(Baseline)),
         }
         render_ms, samples = bench.render()
@@ -639,21 +640,10 @@ def redis_figures(sizes: Sizes, runs: list[dict[str, Any]], quick: bool) -> dict
 
 def rabbitmq_figures(sizes: Sizes, runs: list[dict[str, Any]], quick: bool) -> dict[str, Any]:
     """CPU per event and the zero-loss ladder on a private RabbitMQ node."""
-    broker = RabbitMQBroker()
+    broker = RabbitMQBroker(RabbitMQServer())
     bench = Bench(sizes, broker, runs)
     try:
-        figures = {
-            "cpu_us_per_event_unbatched": (bench.cpu(Exporter, False), bench.cpu(Baseline, False)),
-            "cpu_us_per_event_batched": (bench.cpu(Exporter, True), bench.cpu(Baseline, True)),
-            "zero_loss_rate_unbatched": (
-                bench.zero_loss(Exporter, sizes.ladder_unbatched, False),
-                bench.zero_loss(Baseline, sizes.baseline_ladder, False),
-            ),
-            "zero_loss_rate_batched": (
-                bench.zero_loss(Exporter, sizes.ladder_batched, True),
-                bench.zero_loss(Baseline, sizes.baseline_ladder, True),
-            ),
-        }
+        figures = bench.cpu_figures() | bench.ladders()
     finally:
         broker.close()
     return {
