@@ -1,8 +1,8 @@
 """The benchmark: the exporter against Celery's ``EventReceiver`` + ``State``.
 
-Starts a private Redis, runs the exporter (``python -m exporter``) and the
-baseline (``bench.baseline``) as processes of their own, drives them with
-``bench.publisher`` and measures them from ``/proc``:
+Starts a private Redis (and a private RabbitMQ node), runs the exporter
+(``python -m exporter``) and the baseline (``bench.baseline``) as processes
+of their own, drives them with ``bench.publisher`` and measures them from ``/proc``:
 
 * CPU per event: utime + stime over the traffic window, divided by events;
 * the highest rate sustained for the window with zero loss (events counted
@@ -13,12 +13,17 @@ baseline (``bench.baseline``) as processes of their own, drives them with
   the same traffic, as a ratio to the untraced run (the traffic has no
   ``task-sent``, so spans start at ``task-received``).
 
-Prints one table and writes it, with the raw runs, as JSON.
+On RabbitMQ (``--broker rabbitmq``, or ``all``) the CPU per event and the
+zero-loss ladder are measured the same way, against the RabbitMQ targets.
+
+Prints one table per broker and writes them, with the raw runs, as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -28,13 +33,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.harness import ExporterProcess, parse, scrape
-from tests.servers import RedisServer
+from tests.servers import RabbitMQServer, RedisServer, wait_for
 
 from .sink import TraceSink
 
@@ -103,6 +108,13 @@ QUICK = Sizes(
     overload_rate=20_000,
 )
 
+RABBITMQ_FULL = dataclasses.replace(
+    FULL,
+    cpu_rate_unbatched=40_000,
+    ladder_unbatched=(20_000, 40_000, 60_000, 80_000),
+    ladder_batched=(100_000, 200_000, 300_000),
+)
+
 TARGETS = {  # figure: (bound, "max" when the figure must stay below it, else "min")
     "cpu_us_per_event_unbatched": (10.0, "max"),
     "cpu_us_per_event_batched": (4.0, "max"),
@@ -113,6 +125,14 @@ TARGETS = {  # figure: (bound, "max" when the figure must stay below it, else "m
     "traced_cpu_ratio_unbatched": (2.0, "max"),
     "traced_cpu_ratio_batched": (2.0, "max"),
 }
+RABBITMQ_TARGETS = {
+    "cpu_us_per_event_unbatched": (12.0, "max"),
+    "cpu_us_per_event_batched": (5.0, "max"),
+    "zero_loss_rate_unbatched": (40_000, "min"),
+    "zero_loss_rate_batched": (200_000, "min"),
+}
+RABBITMQ_CPU_RATIO = 0.125
+"""On RabbitMQ the exporter's CPU per event must also be at most this share of the baseline's."""
 LABELS = {
     "cpu_us_per_event_unbatched": "CPU per event, unbatched (µs)",
     "cpu_us_per_event_batched": "CPU per event, batched (µs)",
@@ -228,35 +248,81 @@ class Baseline:
         self.process.wait(10)
 
 
+class _Broker:
+    """A private broker server the subjects and the publisher connect to."""
+
+    kind = ""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.url, self.port = server.url, server.port
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class RedisBroker(_Broker):
+    """A private Redis; subjects psubscribe to the event channels."""
+
+    kind = "redis"
+
+    def wait_subscribed(self) -> None:
+        with self.server.client() as client:
+            wait_for(lambda: client.pubsub_numpat() >= 1, 30, "subject never subscribed")
+
+    @contextlib.contextmanager
+    def unbounded(self) -> Iterator[None]:
+        """Redis' output-buffer limit lifted: a slow subject works through a backlog."""
+        client = self.server.client()
+        client.config_set("client-output-buffer-limit", "pubsub 0 0 0")
+        try:
+            yield
+        finally:
+            client.config_set("client-output-buffer-limit", PUBSUB_BUFFER_LIMIT)
+            client.close()
+
+
+class RabbitMQBroker(_Broker):
+    """A private RabbitMQ node; subjects consume from a queue bound to the event exchange."""
+
+    kind = "rabbitmq"
+
+    def wait_subscribed(self) -> None:
+        wait_for(self._consumed, 60, "subject never consumed from an event queue", interval=0.2)
+
+    def _consumed(self) -> bool:
+        out = self.server.ctl("list_queues", "-q", "--formatter", "json", "name", "consumers")
+        return any(
+            row["name"].startswith("celeryev") and row["consumers"]
+            for row in json.loads(out or "[]")
+        )
+
+    @contextlib.contextmanager
+    def unbounded(self) -> Iterator[None]:
+        """Nothing to lift: what a slow subject leaves queued expires after the queue's TTL."""
+        yield
+
+
+Broker = RedisBroker | RabbitMQBroker
 Subject = Exporter | Baseline
 Start = Callable[[str], Subject]
 """A subject's class, or any callable making one from the broker URL."""
 
 
 class Bench:
-    def __init__(self, sizes: Sizes, redis: RedisServer) -> None:
+    def __init__(self, sizes: Sizes, broker: Broker, runs: list[dict[str, Any]]) -> None:
         self.sizes = sizes
-        self.redis = redis
-        self.runs: list[dict[str, Any]] = []
+        self.broker = broker
+        self.runs = runs
 
     def start(self, kind: Start) -> Subject:
-        subject = kind(self.redis.url)
+        subject = kind(self.broker.url)
         try:
-            self._wait_subscribed()
+            self.broker.wait_subscribed()
         except BaseException:
             subject.stop()
             raise
         return subject
-
-    def _wait_subscribed(self) -> None:
-        """Both subjects psubscribe to the event channels; wait until Redis has it."""
-        client = self.redis.client()
-        deadline = time.monotonic() + 30
-        while client.pubsub_numpat() < 1:
-            if time.monotonic() > deadline:
-                raise RuntimeError("subject never subscribed to the event channel")
-            time.sleep(0.05)
-        client.close()
 
     def traffic(
         self, subject: Subject, scenario: str, *publisher_args: str, stall: bool = False
@@ -269,24 +335,27 @@ class Bench:
         if stall:
             os.kill(subject.pid, signal.SIGSTOP)
         try:
-            out = subprocess.run(
+            publisher = subprocess.run(
                 [
                     sys.executable,
                     "-m",
                     "bench.publisher",
                     "--port",
-                    str(self.redis.port),
+                    str(self.broker.port),
+                    "--broker",
+                    self.broker.kind,
                     *publisher_args,
                 ],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
-                check=True,
-            ).stdout
+            )
         finally:
             if stall:
                 os.kill(subject.pid, signal.SIGCONT)
-        published = json.loads(out)
+        if publisher.returncode:
+            raise RuntimeError(f"the publisher failed:\n{publisher.stderr[-3000:]}")
+        published = json.loads(publisher.stdout)
         expected = before_events + published["events"]
         cpu = settled_cpu_seconds(subject.pid) - before_cpu
         counted, last_change = subject.events(), time.monotonic()
@@ -296,6 +365,7 @@ class Bench:
             if now != counted:
                 counted, last_change = now, time.monotonic()
         run = {
+            "broker": self.broker.kind,
             "subject": subject.name,
             "scenario": scenario,
             "published": published,
@@ -307,7 +377,8 @@ class Bench:
         }
         self.runs.append(run)
         print(
-            f"  {subject.name:8} {scenario:34} published {published['events']:>8} "
+            f"  {self.broker.kind:8} {subject.name:8} {scenario:34} "
+            f"published {published['events']:>8} "
             f"at {published['rate'] or 0:>9.0f}/s  lost {run['lost']:>7}  "
             f"{run['cpu_us_per_event']:>6} µs/event",
             file=sys.stderr,
@@ -323,27 +394,45 @@ class Bench:
         """
         rate = self.sizes.cpu_rate_batched if batched else self.sizes.cpu_rate_unbatched
         subject = self.start(kind)
-        client = self.redis.client()
-        client.config_set("client-output-buffer-limit", "pubsub 0 0 0")
         scenario = f"cpu {rate:.0f}/s {'batched' if batched else 'unbatched'}"
         try:
-            per_event = [
-                self.traffic(
-                    subject,
-                    scenario,
-                    "--rate",
-                    str(rate),
-                    "--seconds",
-                    str(self.sizes.cpu_seconds),
-                    *(("--batched",) if batched else ()),
-                )["cpu_us_per_event"]
-                for _ in range(self.sizes.cpu_windows)
-            ]
+            with self.broker.unbounded():
+                per_event = [
+                    self.traffic(
+                        subject,
+                        scenario,
+                        "--rate",
+                        str(rate),
+                        "--seconds",
+                        str(self.sizes.cpu_seconds),
+                        *(("--batched",) if batched else ()),
+                    )["cpu_us_per_event"]
+                    for _ in range(self.sizes.cpu_windows)
+                ]
         finally:
-            client.config_set("client-output-buffer-limit", PUBSUB_BUFFER_LIMIT)
-            client.close()
             subject.stop()
         return statistics.median(per_event)
+
+    def cpu_figures(self) -> dict[str, tuple[float, float]]:
+        """CPU per event of the exporter and the baseline, unbatched and batched."""
+        return {
+            "cpu_us_per_event_unbatched": (self.cpu(Exporter, False), self.cpu(Baseline, False)),
+            "cpu_us_per_event_batched": (self.cpu(Exporter, True), self.cpu(Baseline, True)),
+        }
+
+    def ladders(self) -> dict[str, tuple[float, float]]:
+        """The zero-loss rate of the exporter and the baseline, unbatched and batched."""
+        sizes = self.sizes
+        return {
+            "zero_loss_rate_unbatched": (
+                self.zero_loss(Exporter, sizes.ladder_unbatched, False),
+                self.zero_loss(Baseline, sizes.baseline_ladder, False),
+            ),
+            "zero_loss_rate_batched": (
+                self.zero_loss(Exporter, sizes.ladder_batched, True),
+                self.zero_loss(Baseline, sizes.baseline_ladder, True),
+            ),
+        }
 
     def zero_loss(self, kind: Start, ladder: tuple[float, ...], batched: bool) -> float:
         """The highest rate of the ladder sustained with zero loss (0: none)."""
@@ -421,8 +510,8 @@ class Bench:
         which reaches the same disconnect in less traffic (the quick run).
         """
         subject = self.start(Exporter)
-        assert isinstance(subject, Exporter)
-        client = self.redis.client()
+        assert isinstance(subject, Exporter) and isinstance(self.broker, RedisBroker)
+        client = self.broker.server.client()
         limit = "pubsub 262144 0 0" if stall else PUBSUB_BUFFER_LIMIT
         client.config_set("client-output-buffer-limit", limit)
         rate, seconds = (20_000, 1) if stall else (self.sizes.overload_rate, 4)
@@ -454,14 +543,25 @@ class Bench:
         }
 
 
-def figure(key: str, exporter: float, baseline: float | None, quick: bool) -> dict[str, Any]:
-    bound, sense = TARGETS[key]
+def figure(
+    key: str,
+    exporter: float,
+    baseline: float | None,
+    quick: bool,
+    targets: dict[str, tuple[float, str]] = TARGETS,
+    ratio_max: float | None = None,
+) -> dict[str, Any]:
+    bound, sense = targets[key]
     met = exporter <= bound if sense == "max" else exporter >= bound
+    ratio = round(exporter / baseline, 3) if baseline else None
+    if ratio_max is not None:
+        met = met and ratio is not None and ratio <= ratio_max
+    target = f"{'≤' if sense == 'max' else '≥'} {bound:g}"
     return {
         "exporter": round(exporter, 2),
         "baseline": baseline,
-        "ratio": round(exporter / baseline, 3) if baseline else None,
-        "target": f"{'≤' if sense == 'max' else '≥'} {bound:g}",
+        "ratio": ratio,
+        "target": target + (f", ≤ {ratio_max:g}x" if ratio_max is not None else ""),
         "met": None if quick else met,
     }
 
@@ -481,12 +581,12 @@ def machine() -> dict[str, Any]:
     }
 
 
-def table(result: dict[str, Any]) -> str:
+def table(figures: dict[str, dict[str, Any]]) -> str:
     rows = [
         "| figure | exporter | Celery EventReceiver + State | ratio | target | met |",
         "|---|---|---|---|---|---|",
     ]
-    for key, values in result["figures"].items():
+    for key, values in figures.items():
         baseline = "—" if values["baseline"] is None else f"{values['baseline']:g}"
         ratio = "—" if values["ratio"] is None else f"{values['ratio']:g}x"
         met = {True: "yes", False: "**no**", None: "(quick)"}[values["met"]]
@@ -497,29 +597,17 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="small sizes: proves the bench works, a few seconds per scenario",
-    )
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    sizes, quick = (QUICK, True) if args.quick else (FULL, False)
-
-    redis = RedisServer()
-    bench = Bench(sizes, redis)
+def redis_figures(sizes: Sizes, runs: list[dict[str, Any]], quick: bool) -> dict[str, Any]:
+    """Every figure on Redis, with traces, memory, /metrics and overload."""
+    broker = RedisBroker(RedisServer())
+    bench = Bench(sizes, broker, runs)
     sink = TraceSink()
 
     def traced(broker_url: str) -> Exporter:
         return Exporter(broker_url, traces=sink.endpoint)
 
     try:
-        figures = {
-            "cpu_us_per_event_unbatched": (bench.cpu(Exporter, False), bench.cpu(Baseline, False)),
-            "cpu_us_per_event_batched": (bench.cpu(Exporter, True), bench.cpu(Baseline, True)),
-        }
+        figures = bench.cpu_figures()
         traced_us = {
             mode: bench.cpu(traced, batched)
             for mode, batched in (("unbatched", False), ("batched", True))
@@ -529,37 +617,88 @@ def main(argv: list[str] | None = None) -> int:
                 us / figures[f"cpu_us_per_event_{mode}"][0],
                 None,
             )
+        figures |= bench.ladders()
         figures |= {
-            "zero_loss_rate_unbatched": (
-                bench.zero_loss(Exporter, sizes.ladder_unbatched, False),
-                bench.zero_loss(Baseline, sizes.baseline_ladder, False),
-            ),
-            "zero_loss_rate_batched": (
-                bench.zero_loss(Exporter, sizes.ladder_batched, True),
-                bench.zero_loss(Baseline, sizes.baseline_ladder, True),
-            ),
             "rss_mb_100k_tasks": (bench.memory(Exporter), bench.memory(Baseline)),
         }
         render_ms, samples = bench.render()
         overload = bench.overload(stall=quick)
     finally:
         sink.close()
-        redis.close()
+        broker.close()
     result = {
-        "mode": "quick" if quick else "full",
-        "machine": machine(),
-        "sizes": asdict(sizes),
         "figures": {key: figure(key, ex, base, quick) for key, (ex, base) in figures.items()},
         "overload": overload,
         "traces": sink.counts(),
-        "runs": bench.runs,
     }
     result["figures"]["metrics_render_ms"] = figure("metrics_render_ms", render_ms, None, quick)
     result["figures"]["metrics_render_ms"]["samples"] = samples
     for mode, us in traced_us.items():
         result["figures"][f"traced_cpu_ratio_{mode}"]["traced_us_per_event"] = us
+    return result
+
+
+def rabbitmq_figures(sizes: Sizes, runs: list[dict[str, Any]], quick: bool) -> dict[str, Any]:
+    """CPU per event and the zero-loss ladder on a private RabbitMQ node."""
+    broker = RabbitMQBroker(RabbitMQServer())
+    bench = Bench(sizes, broker, runs)
+    try:
+        figures = bench.cpu_figures() | bench.ladders()
+    finally:
+        broker.close()
+    return {
+        "figures": {
+            key: figure(
+                key,
+                ex,
+                base,
+                quick,
+                RABBITMQ_TARGETS,
+                RABBITMQ_CPU_RATIO if key.startswith("cpu_") else None,
+            )
+            for key, (ex, base) in figures.items()
+        }
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: proves the bench works, a few seconds per scenario",
+    )
+    parser.add_argument(
+        "--broker",
+        choices=("redis", "rabbitmq", "all"),
+        default="all",
+        help="which brokers to run on (default: all)",
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    runs: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "mode": "quick" if quick else "full",
+        "machine": machine(),
+        "sizes": asdict(QUICK if quick else FULL),
+    }
+    if args.broker in ("redis", "all"):
+        result |= redis_figures(QUICK if quick else FULL, runs, quick)
+    if args.broker in ("rabbitmq", "all"):
+        sizes = QUICK if quick else RABBITMQ_FULL
+        result["rabbitmq"] = {"sizes": asdict(sizes), **rabbitmq_figures(sizes, runs, quick)}
+    result["runs"] = runs
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, {result['mode']} run\n")
-    print(table(result))
-    return 0 if quick or all(f["met"] for f in result["figures"].values()) else 1
+    sections = [
+        ("Redis", result.get("figures")),
+        ("RabbitMQ", result.get("rabbitmq", {}).get("figures")),
+    ]
+    met = []
+    for name, figures in sections:
+        if figures:
+            print(f"{name}:\n\n{table(figures)}\n")
+            met += [f["met"] for f in figures.values()]
+    return 0 if quick or all(met) else 1

@@ -125,6 +125,7 @@ class Message:
     """One broker message: the channel it goes to and how many events it holds."""
 
     channel: str
+    """The pub/sub channel on Redis, the routing key on AMQP."""
     data: bytes
     events: int
     at: float
@@ -163,7 +164,12 @@ class Traffic:
     tasks prefetched and active as a real one does.
     """
 
-    def __init__(self, *, workers: int, names: int, seed: int = 1, start: float = 0.0) -> None:
+    def __init__(
+        self, *, workers: int, names: int, seed: int = 1, start: float = 0.0, amqp: bool = False
+    ) -> None:
+        """``amqp``: messages are bare bodies for their routing key, as Celery sends on AMQP;
+        else kombu's Redis envelope for the pub/sub channel."""
+        self.amqp = amqp
         self.random = random.Random(seed)
         self.workers = [Worker(f"celery@bench-{i:04d}", 1000 + i) for i in range(workers)]
         self.names = [json.dumps(f"bench.tasks.task_{i:03d}") for i in range(names)]
@@ -180,6 +186,8 @@ class Traffic:
     def _message(
         self, worker: Worker, routing_key: str, body: str, events: int, at: float
     ) -> Message:
+        if self.amqp:
+            return Message(routing_key, body.encode(), events, at)
         return Message(
             CHANNEL_PREFIX + routing_key,
             envelope(body, worker.hostname, routing_key, self._uuid()),

@@ -521,6 +521,8 @@ def resolve(
             f"{env_name('broker_url')} or broker_url in --config"
             + (" (or use --demo)" if demo else "")
         )
+    if config.broker_url:
+        _check_broker_url(config.broker_url)
     return config
 
 
@@ -547,3 +549,30 @@ def _read_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
 def _suggest(name: str, known: Mapping[str, Any]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_broker_url(url: str) -> None:
+    """What kombu would find wrong with the URL only when connecting, as one line now."""
+    from kombu.transport import get_transport_cls
+    from kombu.utils.url import url_to_parts
+
+    for part in url.split(";"):
+        shown = mask_url(part.strip())
+        scheme, sep, _ = part.strip().partition("://")
+        if not sep or not scheme:
+            raise ConfigError(f"broker_url: {shown!r} is not a URL (scheme://host...)")
+        try:
+            get_transport_cls(scheme)
+        except KeyError:
+            raise ConfigError(f"broker_url: unknown transport {scheme!r} in {shown}") from None
+        except ImportError as exc:
+            raise ConfigError(
+                f"broker_url: the {scheme} transport needs a package not installed ({exc})"
+            ) from None
+        try:
+            parts = url_to_parts(part.strip())
+        except ValueError as exc:
+            raise ConfigError(f"broker_url: {shown}: {exc}") from None
+        database = (parts.path or "0").strip("/") or "0"
+        if scheme in ("redis", "rediss") and not database.isdigit():
+            raise ConfigError(f"broker_url: {shown}: a Redis database is a number")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from . import __version__
+from .amqp_reader import PROTOCOL
 from .config import Config
 from .control import EventsEnabler
 from .decode import REASONS
@@ -54,7 +55,7 @@ class Daemon:
             static_labels=config.static_labels,
         )
         metrics.gauge("celery_exporter_build_info").set((__version__,), 1)
-        for reason in (*REASONS, UNPROCESSABLE):
+        for reason in (*REASONS, UNPROCESSABLE, PROTOCOL):
             metrics.counter("celery_exporter_events_invalid_total").inc((reason,), 0)
         registry = Registry()
         registry.register(metrics)

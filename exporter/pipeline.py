@@ -81,9 +81,9 @@ class Pipeline:
             if self.on_tick is not None:
                 self.on_tick(now)
 
-    def on_unreadable(self, detail: str) -> None:
+    def on_unreadable(self, detail: str, reason: str = MALFORMED) -> None:
         """A message the transport itself could not parse, so never reached us."""
-        self._drop(MALFORMED, detail)
+        self._drop(reason, detail)
 
     def _drop(self, reason: str, detail: str) -> None:
         self._invalid.inc((reason,))

@@ -3,13 +3,15 @@
 ``Receiver`` holds the reconnect loop; ``KombuReceiver`` consumes the event
 exchange through kombu, the way Celery's own ``EventReceiver`` declares its
 queue, and works for every broker kombu can fan out on. Redis gets a leaner
-subscriber in ``redis_pubsub``, behind the same loop.
+subscriber in ``redis_pubsub``, RabbitMQ a leaner consumer in ``amqp_reader``,
+both behind the same loop; ``receiver_class`` picks one for a broker URL.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -31,6 +33,13 @@ POLL_SECONDS = 1.0
 """How long a read may block, so ticks and stop requests are seen at least this often."""
 
 
+CERT_REQS = {
+    "CERT_NONE": ssl.CERT_NONE,
+    "CERT_OPTIONAL": ssl.CERT_OPTIONAL,
+    "CERT_REQUIRED": ssl.CERT_REQUIRED,
+}
+"""``cert_reqs`` as written in the configuration, to what the ssl module takes."""
+
 # Transport options that bound every socket read and write, per kombu driver type.
 _TIMEOUT_OPTIONS = {
     "amqp": ("read_timeout", "write_timeout"),
@@ -50,7 +59,11 @@ def broker_connection(
     connection = Connection(
         config.broker_url,
         transport_options=dict(config.broker_transport_options),
-        ssl=dict(config.broker_ssl_options) or None,
+        ssl={
+            key: CERT_REQS.get(value, value) if key == "cert_reqs" else value
+            for key, value in config.broker_ssl_options.items()
+        }
+        or None,
         heartbeat=heartbeat,
         **bounds,
     )
@@ -69,7 +82,7 @@ class Sink(Protocol):
 
     def on_idle(self, now: float) -> None: ...
 
-    def on_unreadable(self, detail: str) -> None: ...
+    def on_unreadable(self, detail: str, reason: str = ...) -> None: ...
 
 
 class Receiver:
@@ -201,7 +214,11 @@ class KombuReceiver(Receiver):
 
 
 def receiver_class(broker_url: str) -> type[Receiver]:
-    """The receiver for a broker URL: the lean pub/sub reader on Redis, else kombu's."""
-    from . import redis_pubsub  # it builds on this module
+    """The leanest receiver for the broker URL's transport."""
+    from . import amqp_reader, redis_pubsub  # both build on this module
 
-    return redis_pubsub.RedisReceiver if redis_pubsub.handles(broker_url) else KombuReceiver
+    if redis_pubsub.handles(broker_url):
+        return redis_pubsub.RedisReceiver
+    if amqp_reader.handles(broker_url):
+        return amqp_reader.AMQPReceiver
+    return KombuReceiver

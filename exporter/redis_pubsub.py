@@ -14,7 +14,6 @@ channel names are honoured, so this reads exactly what kombu would.
 from __future__ import annotations
 
 import socket
-import ssl
 import time
 from typing import Any
 
@@ -24,14 +23,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .config import Config
-from .receiver import POLL_SECONDS, Receiver
+from .receiver import CERT_REQS, POLL_SECONDS, Receiver
 
 SCHEMES = ("redis", "rediss")
-_CERT_REQS = {
-    "CERT_NONE": ssl.CERT_NONE,
-    "CERT_OPTIONAL": ssl.CERT_OPTIONAL,
-    "CERT_REQUIRED": ssl.CERT_REQUIRED,
-}
 READ_BYTES = 1 << 14
 """One recv() takes up to this much of a backlog, dozens of events. Not more: hiredis
 moves its unread bytes forward after each reply, so a bigger feed costs more per reply."""
@@ -50,7 +44,7 @@ def client_for(config: Config, **extra: Any) -> redis.Redis:
     if config.broker_url.startswith("rediss://"):
         for key, value in config.broker_ssl_options.items():
             name = key if key.startswith("ssl_") else f"ssl_{key}"
-            options[name] = _CERT_REQS.get(value, value) if name == "ssl_cert_reqs" else value
+            options[name] = CERT_REQS.get(value, value) if name == "ssl_cert_reqs" else value
     options.update(extra)
     return redis.Redis.from_url(config.broker_url, **options)
 

@@ -74,6 +74,8 @@ def reject() -> None:
 def sleep_then_fail(seconds: float) -> None:
     time.sleep(seconds)
     raise TimeoutError(f"gave up after {seconds} s")
+
+
 def hostile() -> None:
     """Fails with a message that is markup too."""
     raise ValueError(HOSTILE_MESSAGE)

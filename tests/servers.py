@@ -453,8 +453,14 @@ class RabbitMQServer(_ServerProcess):
     name = "rabbitmq-server"
 
     def __init__(
-        self, port: int | None = None, *, start: bool = True, startup_timeout: float = 60.0
+        self,
+        port: int | None = None,
+        *,
+        start: bool = True,
+        startup_timeout: float = 60.0,
+        config: str = "",
     ) -> None:
+        """``config``: rabbitmq.conf lines added to the suite's (heartbeat, TLS listeners...)."""
         if not os.access(_RABBITMQ_SERVER, os.X_OK) or shutil.which("erl") is None:
             raise RuntimeError(
                 f"{_RABBITMQ_SERVER} not found: install Debian's rabbitmq-server package "
@@ -471,7 +477,7 @@ class RabbitMQServer(_ServerProcess):
         self._epmd_guard: GroupGuard | None = None
         for sub in ("home", "mnesia", "log"):
             (self.dir / sub).mkdir()
-        (self.dir / "rabbitmq.conf").write_text(_RABBITMQ_CONF)
+        (self.dir / "rabbitmq.conf").write_text(_RABBITMQ_CONF + config)
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq-env.conf").write_text("")
         if start:

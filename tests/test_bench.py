@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.run import LABELS, TARGETS
+from bench.run import LABELS, RABBITMQ_TARGETS, TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def test_quick_bench_counts_every_event_and_writes_its_figures(tmp_path: Path) -
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(output.read_text())
@@ -70,3 +70,17 @@ def test_quick_bench_counts_every_event_and_writes_its_figures(tmp_path: Path) -
     assert overload["cause_logged"]
     assert overload["events_lagging_over_250ms"] > 0
     assert "| figure | exporter | Celery EventReceiver + State |" in run.stdout
+
+    # The same traffic on RabbitMQ, through the AMQP reader: nothing lost either.
+    assert set(result["rabbitmq"]["figures"]) == set(RABBITMQ_TARGETS)
+    rabbitmq_runs = [r for r in result["runs"] if r["broker"] == "rabbitmq"]
+    assert {(r["subject"], r["scenario"]) for r in rabbitmq_runs} >= {
+        ("exporter", "cpu 2000/s unbatched"),
+        ("exporter", "sustain 6000/s batched"),
+        ("baseline", "cpu 4000/s batched"),
+    }
+    for r in rabbitmq_runs:
+        assert r["published"]["error"] == ""
+        if r["subject"] == "exporter":
+            assert r["counted"] == r["published"]["events"], r
+    assert "RabbitMQ:" in run.stdout

@@ -106,9 +106,45 @@ def test_a_broker_url_is_required() -> None:
     assert config.load(["--demo"], environ={}).demo
 
 
-def test_the_command_line_exits_2_with_one_line() -> None:
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("nosuchscheme://x", "broker_url: unknown transport 'nosuchscheme' in nosuchscheme://x"),
+        ("amqp://h:abc//", "broker_url: amqp://h:abc//: Port could not be cast"),
+        ("redis://h:99999999/0", "broker_url: redis://h:99999999/0: Port out of range"),
+        ("amqp://[::1//", "broker_url: amqp://[::1//: Invalid IPv6 URL"),
+        ("rabbit.example.com", "broker_url: 'rabbit.example.com' is not a URL"),
+        ("://x", "broker_url: '://x' is not a URL"),
+        ("   ", "broker_url: '' is not a URL"),
+        ("redis://h:6379/one", "broker_url: redis://h:6379/one: a Redis database is a number"),
+        ("amqp://u:s3cret@h:x//", "broker_url: amqp://u:****@h:x//: Port could not be cast"),
+        ("sentinel://h:1;nosuch://h:2", "broker_url: unknown transport 'nosuch' in nosuch://h:2"),
+    ],
+)
+def test_a_broker_url_mistake_names_the_key(url: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(["--broker-url", url], environ={})
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            [*BROKER, "--port", "x"],
+            "port: expected an integer from 0 to 65535, got 'x' (from --port)",
+        ),
+        (
+            ["--broker-url", "nosuchscheme://x"],
+            "broker_url: unknown transport 'nosuchscheme' in nosuchscheme://x",
+        ),
+    ],
+)
+def test_the_command_line_exits_2_with_one_line(argv: list[str], error: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "exporter", *BROKER, "--port", "x"],
+        [sys.executable, "-m", "exporter", *argv],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -116,10 +152,7 @@ def test_the_command_line_exits_2_with_one_line() -> None:
         env={"PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 2
-    assert result.stderr == (
-        "celery-events-exporter: error: port: expected an integer from "
-        "0 to 65535, got 'x' (from --port)\n"
-    )
+    assert result.stderr == f"celery-events-exporter: error: {error}\n"
 
 
 @pytest.mark.parametrize(
