@@ -16,6 +16,7 @@ from .control import EventsEnabler
 from .decode import REASONS
 from .exposition import Registry
 from .health import Health
+from .inspection import Inspector
 from .metrics import Metrics
 from .periodic import Periodic
 from .pipeline import UNPROCESSABLE, Pipeline
@@ -71,13 +72,17 @@ class Daemon:
             redis_pubsub.RedisReceiver if redis_pubsub.handles(config.broker_url) else KombuReceiver
         )
         receiver = receiver_class(config, pipeline, health)
-        background: tuple[Periodic, ...] = (QueuePoller(config, metrics, tracker.queues_seen),)
+        poller = QueuePoller(config, metrics, tracker.queues_seen)
+        background: tuple[Periodic, ...] = (poller,)
         if config.enable_events:
             background += (EventsEnabler(config),)
+        if config.inspect_interval:
+            background += (Inspector(config, metrics, tracker, poller.queues),)
         return cls(config, registry, metrics, health, tracker, receiver, background)
 
     def start_background(self) -> None:
-        """Start the jobs that ask the broker on a schedule (queue probes, enable_events)."""
+        """Start the jobs that ask the broker on a schedule (queue probes, enable_events,
+        inspect rounds)."""
         for job in self.background:
             job.start()
 
