@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from exporter.control import MAILBOX
+from exporter.inspection import Inspector
 from tests.harness import InProcessExporter, scrape
 from tests.servers import RabbitMQServer, RedisServer, wait_for
+from tests.test_hostile_input import pickle_trap
 
 REPLY_QUEUE = re.compile(r"[0-9a-f]{32}\.reply\.celery\.pidbox")
 REPLY_BINDINGS = "_kombu.binding.reply.celery.pidbox"
@@ -187,3 +196,137 @@ def test_a_paused_worker_costs_a_round_its_timeout_and_scrapes_stay_fast(
     finally:
         os.killpg(worker.pgid, signal.SIGCONT)
     wait_for(lambda: exporter.sample("celery_exporter_inspect_replies") == 1, 30, "replies again")
+
+
+class HostileWorker:
+    """A peer on the control exchange that answers every inspect command with ``replies``.
+
+    It speaks the pidbox protocol as a worker does (a queue bound to the
+    ``celery.pidbox`` fanout, replies to ``reply_to`` with the ticket), but
+    what it sends is whatever the test wants: ``replies(command)`` gives
+    ``(body bytes, content type)`` pairs, published as they are.
+    """
+
+    def __init__(self, url: str, replies: Callable[[str], list[tuple[bytes, str]]]) -> None:
+        self.replies = replies
+        self.stopping = threading.Event()
+        self.answered = 0
+        self._connection = Connection(url)
+        queue = Queue(
+            f"hostile-{uuid.uuid4().hex[:8]}.celery.pidbox",
+            exchange=MAILBOX.exchange,
+            auto_delete=True,
+            durable=False,
+            exclusive=True,
+        )
+        self._consumer = Consumer(
+            self._connection.channel(), [queue], on_message=self._answer, no_ack=True
+        )
+        self._consumer.consume()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                self._connection.drain_events(timeout=0.2)
+
+    def _answer(self, message: Any) -> None:
+        request = json.loads(message.body)
+        reply_to = request.get("reply_to")
+        if not reply_to:
+            return
+        exchange = Exchange(reply_to["exchange"], type="direct", durable=False)
+        producer = Producer(self._connection.default_channel)
+        for body, content_type in self.replies(request["method"]):
+            producer.publish(
+                body,
+                exchange=exchange,
+                routing_key=reply_to["routing_key"],
+                headers={"ticket": request["ticket"]},
+                content_type=content_type,
+                content_encoding="binary",
+            )
+        self.answered += 1
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._thread.join(5)
+        self._connection.release()
+
+
+def hostile_replies(trap: Path, crowd: int) -> Callable[[str], list[tuple[bytes, str]]]:
+    """Every kind of bad reply, and a crowd of unknown workers answering well."""
+    ok_stats = {"pool": {"max-concurrency": 4}, "prefetch_count": 16}
+    json_type = "application/json"
+
+    def replies(command: str) -> list[tuple[bytes, str]]:
+        if command == "stats":
+            bad = [
+                {"text@hostile": {"pool": {"max-concurrency": "4"}, "prefetch_count": "16"}},
+                {"nopool@hostile": {"prefetch_count": 16}},
+                {"notadict@hostile": "stats"},
+            ]
+            good = ok_stats
+        else:
+            bad = [
+                {"text@hostile": "celery"},
+                {"nopool@hostile": [{"name": 5}, {"name": ["x"]}, "q", {"name": "fine"}]},
+                {"notadict@hostile": [{"nameless": True}]},
+            ]
+            good = [{"name": "crowded"}]
+        crowd_reply = {f"crowd{i}@hostile": good for i in range(crowd)}
+        return [
+            (pickle_trap(trap), "application/x-python-serialize"),
+            (b"{not json", json_type),
+            (b"[1, 2, 3]", json_type),
+            (b"x" * (2 << 20), json_type),
+            *((json.dumps(reply).encode(), json_type) for reply in bad),
+            (json.dumps(crowd_reply).encode(), json_type),
+        ]
+
+    return replies
+
+
+def test_hostile_replies_are_counted_and_dropped_and_memory_stays_bounded(
+    broker, exporters, tmp_path
+) -> None:
+    url = broker.url
+    trap = tmp_path / "unpickled"
+    limit = 20
+    hostile = HostileWorker(url, hostile_replies(trap, crowd=3000))
+    exporter = start(exporters, url, "--inspect-interval", "0.2", "--max-label-values", str(limit))
+    try:
+        wait_for(lambda: rounds(exporter) >= 3 and hostile.answered >= 6, 60, "three rounds")
+        assert not trap.exists(), "a pickle reply was unpickled"
+        invalid = {
+            reason: exporter.sample(
+                "celery_exporter_inspect_replies_invalid_total", {"reason": reason}
+            )
+            for reason in ("too_large", "content_type", "malformed", "wrong_type", "missing_field")
+        }
+        assert all(count > 0 for count in invalid.values()), invalid
+        assert exporter.sample("celery_exporter_inspect_errors_total", {"reason": "broker"}) == 0
+        # Bad fields leave no series; the label limit caps the crowd.
+        pools = series(exporter, "celery_worker_pool_size")
+        hosts = {dict(labels)["hostname"] for labels in pools}
+        assert {"text@hostile", "nopool@hostile", "notadict@hostile"}.isdisjoint(hosts)
+        assert len(hosts) <= limit and "other" not in hosts
+        assert set(pools.values()) == {4}
+        assert exporter.sample("celery_exporter_label_values_folded_total", {"label": "hostname"})
+        inspector = next(job for job in exporter.daemon.background if isinstance(job, Inspector))
+        assert len(inspector._capacity) <= limit
+        assert value(exporter, "celery_queue_workers", queue="fine") == 1
+        scrape(exporter.url)
+    finally:
+        hostile.stop()
+    # Workers never seen in events and silent now are forgotten, labels and all.
+    wait_for(
+        lambda: (
+            not series(exporter, "celery_worker_pool_size")
+            and value(exporter, "celery_queue_workers", queue="crowded") is None
+        ),
+        30,
+        "the hostile workers forgotten",
+    )
+    assert exporter.daemon.tracker.label("hostname", "celery@real") == "celery@real"
