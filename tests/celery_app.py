@@ -26,6 +26,7 @@ TASK_NAMES = (
     "tests.fail_key",
     "tests.retry_then_succeed",
     "tests.sleep",
+    "tests.sleep_late",
     "tests.noop",
 )
 
@@ -86,6 +87,9 @@ def make_app(broker_url: str, sent_events: bool = True) -> Celery:
     celery.task(name="tests.fail_key")(fail_key)
     celery.task(name="tests.retry_then_succeed", bind=True)(retry_then_succeed)
     celery.task(name="tests.sleep")(sleep)
+    # Acknowledged when done: with --prefetch-multiplier 1 a worker holds exactly as
+    # many as it runs, so the rest of a burst waits in the broker, countable.
+    celery.task(name="tests.sleep_late", acks_late=True)(sleep)
     celery.task(name="tests.noop")(noop)
     return celery
 
