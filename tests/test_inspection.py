@@ -10,36 +10,24 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from exporter.control import MAILBOX
 from exporter.inspection import Inspector
+from tests import test_queues
 from tests.harness import InProcessExporter, scrape
 from tests.servers import RabbitMQServer, RedisServer, wait_for
 from tests.test_hostile_input import pickle_trap
+from tests.test_queues import unique
 
 REPLY_QUEUE = re.compile(r"[0-9a-f]{32}\.reply\.celery\.pidbox")
 REPLY_BINDINGS = "_kombu.binding.reply.celery.pidbox"
-
-
-def unique(prefix: str) -> str:
-    """A queue name no other test uses: the brokers are shared by the session."""
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def exporters() -> Iterator[list[InProcessExporter]]:
-    """Exporters started by a test, stopped whatever happens."""
-    started: list[InProcessExporter] = []
-    yield started
-    for exporter in started:
-        exporter.stop()
+exporters = test_queues.exporters  # the fixture: exporters a test starts, stopped after it
 
 
 def value(exporter: InProcessExporter, name: str, **labels: str) -> float | None:
