@@ -190,7 +190,8 @@ class Inspector(Periodic):
 
     def run_once(self) -> None:
         workers = self._tracker.workers.workers
-        expected = {host for host, worker in list(workers.items()) if worker.up}
+        # Workers folded into 'other' cannot be told apart: none of them is awaited.
+        expected = {host for host, worker in list(workers.items()) if worker.up} - {OTHER}
         current = Round(self._capacity, self._tracker.label, expected, self._count_invalid)
         started = time.perf_counter()
         try:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
@@ -21,7 +22,7 @@ from exporter.control import MAILBOX
 from exporter.inspection import Inspector
 from tests import test_queues
 from tests.harness import InProcessExporter, scrape
-from tests.servers import RabbitMQServer, RedisServer, wait_for
+from tests.servers import RabbitMQServer, RedisServer, SilentServer, free_port, wait_for
 from tests.test_hostile_input import pickle_trap
 from tests.test_queues import unique
 
@@ -318,3 +319,37 @@ def test_hostile_replies_are_counted_and_dropped_and_memory_stays_bounded(
         "the hostile workers forgotten",
     )
     assert exporter.daemon.tracker.label("hostname", "celery@real") == "celery@real"
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+def test_a_broker_that_refuses_or_stalls_costs_a_round_and_is_counted(
+    scheme: str, exporters
+) -> None:
+    refused = start(exporters, f"{scheme}://127.0.0.1:{free_port()}/", "--inspect-interval", "0.2")
+    broker_errors = {"reason": "broker"}
+    wait_for(
+        lambda: refused.sample("celery_exporter_inspect_errors_total", broker_errors) >= 2,
+        30,
+        "two refused rounds",
+    )
+    silent = SilentServer()
+    try:
+        stalled = start(
+            exporters,
+            f"{scheme}://127.0.0.1:{silent.port}/",
+            "--inspect-interval",
+            "0.2",
+            "--inspect-timeout",
+            "0.5",
+        )
+        wait_for(
+            lambda: stalled.sample("celery_exporter_inspect_errors_total", broker_errors) >= 2,
+            30,
+            "two stalled rounds",
+        )
+        started = time.perf_counter()
+        assert "celery_exporter_inspect_errors_total" in scrape(stalled.url)
+        assert time.perf_counter() - started < 0.5
+        assert stalled.sample("celery_exporter_inspect_replies") == 0
+    finally:
+        silent.close()
