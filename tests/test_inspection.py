@@ -21,6 +21,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from exporter.control import MAILBOX
 from exporter.inspection import Inspector
 from tests import test_queues
+from tests.celery_app import make_app
 from tests.harness import InProcessExporter, scrape
 from tests.servers import RabbitMQServer, RedisServer, SilentServer, free_port, wait_for
 from tests.test_hostile_input import pickle_trap
@@ -353,3 +354,17 @@ def test_a_broker_that_refuses_or_stalls_costs_a_round_and_is_counted(
         assert stalled.sample("celery_exporter_inspect_replies") == 0
     finally:
         silent.close()
+
+
+def test_an_autoscaling_worker_reports_its_current_maximum(
+    clean_redis, worker_factory, exporters
+) -> None:
+    url = clean_redis.url
+    worker = worker_factory(url, queues=(unique("scaled"),), extra_args=("--autoscale", "5,1"))
+    exporter = start(exporters, url, "--inspect-interval", "0.2")
+    host = {"hostname": worker.hostname}
+    wait_for(lambda: value(exporter, "celery_worker_pool_size", **host) == 5, 60, "max 5")
+    # What `celery control autoscale 3 1` sends: the maximum moves, and the series with it.
+    with make_app(url) as app:
+        app.control.autoscale(3, 1, destination=[worker.hostname])
+    wait_for(lambda: value(exporter, "celery_worker_pool_size", **host) == 3, 60, "max 3")
