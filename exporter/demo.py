@@ -36,6 +36,7 @@ FOLDER_ENV = "CELERY_EXPORTER_DEMO_FOLDER"
 TRANSPORT = "demo-filesystem"
 QUEUES = ("celery", "reports")
 SEND_EVERY = 0.15
+DEMO_INSPECT_INTERVAL = 5.0
 
 
 class AtomicChannel(filesystem.Channel):
@@ -189,7 +190,11 @@ def run(config: Config) -> int:
     for sub in ("data", "control"):
         Path(folder, sub).mkdir()
     demo_config = dataclasses.replace(
-        config, broker_url="filesystem://", broker_transport_options=transport_options(folder)
+        config,
+        broker_url="filesystem://",
+        broker_transport_options=transport_options(folder),
+        # The worker starts after the first inspect round: the next must not be far off.
+        inspect_interval=min(config.inspect_interval, DEMO_INSPECT_INTERVAL),
     )
     worker = start_worker(folder)
     stop = threading.Event()
