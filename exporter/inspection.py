@@ -13,6 +13,11 @@ ones are counted, hostnames and queue names go through the tracker's label
 limits, and what is kept per worker is a few numbers and a set of queues.
 A worker that does not answer keeps its last values until its heartbeats
 stop (its queues stop counting) and it is purged (its series go).
+
+The tracker's worker table and label limiter are read from this thread while
+the event thread writes them: each read is one dict or set operation, atomic
+in CPython, and a race costs at most one value admitted past the label limit
+or one stale series, removed by the next round.
 """
 
 from __future__ import annotations
