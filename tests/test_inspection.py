@@ -157,9 +157,9 @@ def test_no_reply_keys_or_queues_accumulate_over_a_hundred_rounds(
 
 
 def test_a_paused_worker_costs_a_round_its_timeout_and_scrapes_stay_fast(
-    clean_redis, worker_factory, exporters
+    broker, worker_factory, exporters
 ) -> None:
-    url = clean_redis.url
+    url = broker.url
     worker = worker_factory(url, concurrency=1, queues=(unique("paused"),))
     exporter = start(exporters, url, "--inspect-interval", "0.2", "--inspect-timeout", "1.5")
     host = {"hostname": worker.hostname}
