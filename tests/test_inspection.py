@@ -90,7 +90,14 @@ def test_pool_sizes_prefetch_limits_and_queue_workers_match_the_workers(
             and value(exporter, "celery_worker_pool_size", hostname=b.hostname) == 2
         )
 
-    wait_for(settled, 60, lambda: f"capacity series: {exporter.daemon.registry.collect}")
+    wait_for(
+        settled,
+        60,
+        lambda: (
+            f"pool sizes {series(exporter, 'celery_worker_pool_size')}, "
+            f"queue workers {series(exporter, 'celery_queue_workers')}"
+        ),
+    )
     # Celery's prefetch count is the multiplier (4 by default) times the concurrency.
     assert value(exporter, "celery_worker_prefetch_limit", hostname=a.hostname) == 12
     assert value(exporter, "celery_worker_prefetch_limit", hostname=b.hostname) == 2
@@ -356,15 +363,28 @@ def test_a_broker_that_refuses_or_stalls_costs_a_round_and_is_counted(
         silent.close()
 
 
-def test_an_autoscaling_worker_reports_its_current_maximum(
+def test_solo_and_autoscaling_pools_report_what_celery_reports(
     clean_redis, worker_factory, exporters
 ) -> None:
     url = clean_redis.url
-    worker = worker_factory(url, queues=(unique("scaled"),), extra_args=("--autoscale", "5,1"))
+    solo = worker_factory(url, pool="solo", queues=(unique("solo"),))
+    scaled = worker_factory(url, queues=(unique("scaled"),), extra_args=("--autoscale", "5,1"))
     exporter = start(exporters, url, "--inspect-interval", "0.2")
-    host = {"hostname": worker.hostname}
-    wait_for(lambda: value(exporter, "celery_worker_pool_size", **host) == 5, 60, "max 5")
+    wait_for(
+        lambda: (
+            value(exporter, "celery_worker_pool_size", hostname=solo.hostname) == 1
+            and value(exporter, "celery_worker_pool_size", hostname=scaled.hostname) == 5
+        ),
+        60,
+        lambda: f"pool sizes {series(exporter, 'celery_worker_pool_size')}",
+    )
+    # Celery's prefetch count follows --concurrency (2 here) whatever the pool runs.
+    assert value(exporter, "celery_worker_prefetch_limit", hostname=solo.hostname) == 8
     # What `celery control autoscale 3 1` sends: the maximum moves, and the series with it.
     with make_app(url) as app:
-        app.control.autoscale(3, 1, destination=[worker.hostname])
-    wait_for(lambda: value(exporter, "celery_worker_pool_size", **host) == 3, 60, "max 3")
+        app.control.autoscale(3, 1, destination=[scaled.hostname])
+    wait_for(
+        lambda: value(exporter, "celery_worker_pool_size", hostname=scaled.hostname) == 3,
+        60,
+        "the new maximum",
+    )
