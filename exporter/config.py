@@ -271,6 +271,21 @@ class Config:
         parse=_number(1.0),
         metavar="SECONDS",
     )
+    inspect_interval: float = option(
+        30.0,
+        "Seconds between inspect rounds asking workers for their pool size, prefetch limit "
+        "and queues (Celery's stats and active_queues); 0 turns them off.",
+        group=WORKERS,
+        parse=_number(0.0),
+        metavar="SECONDS",
+    )
+    inspect_timeout: float = option(
+        2.0,
+        "Seconds an inspect round waits for replies.",
+        group=WORKERS,
+        parse=_number(0.1),
+        metavar="SECONDS",
+    )
     queues: tuple[str, ...] = option(
         (),
         "Queues whose length to probe, comma-separated; queues named by task-sent events "

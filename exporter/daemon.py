@@ -17,6 +17,7 @@ from .control import EventsEnabler
 from .decode import REASONS
 from .exposition import Registry
 from .health import Health
+from .inspection import Inspector
 from .metrics import Metrics
 from .overview import FailureRing, History, Overview
 from .periodic import Periodic
@@ -77,14 +78,18 @@ class Daemon:
         history = History(metrics, health)
         pipeline = Pipeline(tracker, health, metrics, on_tick=history.sample)
         receiver = receiver_class(config.broker_url)(config, pipeline, health)
-        background: tuple[Periodic, ...] = (QueuePoller(config, metrics, tracker.queues_seen),)
+        poller = QueuePoller(config, metrics, tracker.queues_seen)
+        background: tuple[Periodic, ...] = (poller,)
         if config.enable_events:
             background += (EventsEnabler(config),)
+        if config.inspect_interval:
+            background += (Inspector(config, metrics, tracker, poller.queues),)
         overview = Overview(metrics, history, failures)
         return cls(config, registry, metrics, health, tracker, receiver, overview, background)
 
     def start_background(self) -> None:
-        """Start the jobs that ask the broker on a schedule (queue probes, enable_events)."""
+        """Start the jobs that ask the broker on a schedule (queue probes, enable_events,
+        inspect rounds)."""
         for job in self.background:
             job.start()
 

@@ -39,6 +39,7 @@ HOST = "localhost"
 """The filesystem transport ignores the host; naming one keeps kombu from warning that
 none was supplied."""
 SEND_EVERY = 0.15
+DEMO_INSPECT_INTERVAL = 5.0
 
 
 class AtomicChannel(filesystem.Channel):
@@ -195,6 +196,8 @@ def run(config: Config) -> int:
         config,
         broker_url=f"filesystem://{HOST}/",
         broker_transport_options=transport_options(folder),
+        # The worker starts after the first inspect round: the next must not be far off.
+        inspect_interval=min(config.inspect_interval, DEMO_INSPECT_INTERVAL),
     )
     worker = start_worker(folder)
     stop = threading.Event()

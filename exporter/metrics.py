@@ -110,6 +110,25 @@ METRICS: tuple[MetricSpec, ...] = (
                "Queue probes that failed or timed out.", ("queue",)),
     MetricSpec("celery_exporter_queue_probe_duration_seconds", HISTOGRAM,
                "Duration of one queue probe."),
+    # Worker capacity, from inspect replies.
+    MetricSpec("celery_worker_pool_size", GAUGE,
+               "Pool slots: the pool's max-concurrency, or the autoscaler's current maximum.",
+               HOST),
+    MetricSpec("celery_worker_prefetch_limit", GAUGE,
+               "The worker consumer's prefetch count (0: no limit).", HOST),
+    MetricSpec("celery_worker_queue_info", GAUGE,
+               "1 for each queue a live worker consumes (active_queues).", ("hostname", "queue")),
+    MetricSpec("celery_queue_workers", GAUGE,
+               "Live workers consuming the queue (active_queues).", ("queue",)),
+    MetricSpec("celery_exporter_inspect_duration_seconds", HISTOGRAM,
+               "Duration of one inspect round (stats and active_queues)."),
+    MetricSpec("celery_exporter_inspect_replies", GAUGE,
+               "Workers that answered the last inspect round."),
+    MetricSpec("celery_exporter_inspect_errors_total", COUNTER,
+               "Inspect rounds that failed (broker) or missed a live worker (timeout).",
+               ("reason",)),
+    MetricSpec("celery_exporter_inspect_replies_invalid_total", COUNTER,
+               "Inspect replies, or parts of them, dropped as invalid, by reason.", ("reason",)),
     # The exporter itself.
     MetricSpec("celery_exporter_events_total", COUNTER,
                "Events received, by type (unknown types count as 'other').", ("type",)),
@@ -221,6 +240,7 @@ class Metrics(Collector):
             "celery_task_failed_runtime_seconds": runtime_buckets,
             "celery_exporter_event_lag_seconds": LAG_BUCKETS,
             "celery_exporter_queue_probe_duration_seconds": PROBE_BUCKETS,
+            "celery_exporter_inspect_duration_seconds": PROBE_BUCKETS,
         }
         self.static_labels = dict(static_labels or {})
         self.families: dict[str, Family] = {}

@@ -31,6 +31,7 @@ TASK_NAMES = (
     "tests.fail_key",
     "tests.retry_then_succeed",
     "tests.sleep",
+    "tests.sleep_late",
     "tests.noop",
     "tests.reject",
     "tests.sleep_then_fail",
@@ -109,6 +110,9 @@ def make_app(broker_url: str, sent_events: bool = True) -> Celery:
     celery.task(name="tests.fail_key")(fail_key)
     celery.task(name="tests.retry_then_succeed", bind=True)(retry_then_succeed)
     celery.task(name="tests.sleep")(sleep)
+    # Acknowledged when done: with --prefetch-multiplier 1 a worker holds exactly as
+    # many as it runs, so the rest of a burst waits in the broker, countable.
+    celery.task(name="tests.sleep_late", acks_late=True)(sleep)
     celery.task(name="tests.noop")(noop)
     celery.task(name="tests.reject", acks_late=True)(reject)
     celery.task(name="tests.sleep_then_fail")(sleep_then_fail)

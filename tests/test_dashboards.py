@@ -32,11 +32,13 @@ DASHBOARDS = {
     "celery-overview.json": "celery-overview",
     "celery-task.json": "celery-task",
     "celery-exporter.json": "celery-exporter",
+    "celery-capacity.json": "celery-capacity",
 }
 REQUIRED_VARIABLES = {
     "celery-overview": {"datasource", "job", "queue", "hostname"},
     "celery-task": {"datasource", "job", "task", "queue", "hostname"},
     "celery-exporter": {"datasource", "job"},
+    "celery-capacity": {"datasource", "job", "queue", "hostname"},
 }
 
 # The metric contract, as a literal for now: exported_metric_names() prefers

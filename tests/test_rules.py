@@ -44,6 +44,8 @@ EXPECTED_ALERTS = {
     "CeleryTaskStuck",
     "CeleryTasksInterrupted",
     "CeleryExporterEventsMissed",
+    "CeleryQueueNoWorkers",
+    "CeleryWorkersSaturated",
 }
 EXPECTED_RECORDING_RULES = {
     "name_queue:celery_task_sent:rate5m",
@@ -68,6 +70,14 @@ EXPECTED_RECORDING_RULES = {
     "name_queue:celery_task_oldest_running_age:seconds",
     "hostname:celery_worker_up:max",
     "queue:celery_queue_length:max",
+    "hostname:celery_worker_pool_size:max",
+    "hostname:celery_worker_tasks_active:max",
+    "hostname:celery_worker_utilisation:ratio",
+    "job:celery_worker_utilisation:ratio",
+    "queue:celery_worker_pool_size:sum",
+    "queue:celery_worker_tasks_active:sum",
+    "queue:celery_worker_utilisation:ratio",
+    "queue:celery_queue_workers:max",
 }
 
 
