@@ -207,8 +207,10 @@ class TaskTrace:
         "hostname",
         "message_span_id",
         "name",
+        "next_retries",
         "outcome",
         "parent_span_id",
+        "pending",
         "queue",
         "queue_wait",
         "retries",
@@ -238,22 +240,27 @@ class TaskTrace:
         self.hostname: str | None = None
         self.start = 0  # task-started of this execution, ns; 0 until then
         self.queue_wait = -1.0  # seconds from ready (sent or ETA, else received) to started
-        self.retries = 0  # Celery's count of the task's retries
+        self.retries = 0  # Celery's count of the task's retries, for this execution
+        self.next_retries = 0  # the same, of a delivery received while this one runs
         self.error: Attributes = ()  # the exception this execution ended with
         self.error_type = ""
+        self.pending: TaskTrace | None = None  # the last execution, until its end arrives
         # end, name, status and outcome are set when the execution ends, by Spans._emit.
 
-    def next_attempt(self) -> TaskTrace:
+    def next_attempt(self, retried: bool) -> TaskTrace:
         """The record of the task's next execution: the same task, a new span."""
         following = TaskTrace.__new__(TaskTrace)
         for slot in ("uuid", "trace_id", "sampling", "trace_state", "message_span_id"):
             setattr(following, slot, getattr(self, slot))
-        for slot in ("parent_span_id", "task_name", "queue", "hostname", "retries"):
+        for slot in ("parent_span_id", "task_name", "queue", "hostname"):
             setattr(following, slot, getattr(self, slot))
+        following.retries = max(self.next_retries, self.retries + retried)
+        following.next_retries = 0
         following.attempt = self.attempt + 1
         following.span_id = _execution_span_id(self.message_span_id, following.attempt)
         following.start, following.queue_wait = 0, -1.0
         following.error, following.error_type = (), ""
+        following.pending = None
         return following
 
     def shared_key(self) -> tuple[object, ...]:
@@ -347,7 +354,7 @@ class Spans:
             state.error_type = "WorkerLost"
             status = (ERROR, _cut(f"worker lost: {hostname}"))
             self._emit(task, state, time.time_ns(), status, ("celery.state", "INTERRUPTED"))
-            task.trace = self._next(state)
+            task.trace = self._next(state, retried=False)
 
     def close(self) -> None:
         """Export what is queued, then stop the export thread."""
@@ -396,19 +403,25 @@ class Spans:
         state = getattr(task, "trace", _UNBEGUN)
         if state is _UNBEGUN:
             state = self._begin(task, event)
-        if state is not None:
-            state.hostname = event["hostname"]
-            if state.task_name is None and isinstance(event.get("name"), str):
-                state.task_name = _cut(event["name"])
-            _count_retries(state, event)
+        if state is None:
+            return
+        if state.start:  # the next delivery (a retry's), while this execution runs
+            retries = event.get("retries")
+            if type(retries) is int and retries > state.next_retries:
+                state.next_retries = retries
+            return
+        state.hostname = event["hostname"]
+        if state.task_name is None and isinstance(event.get("name"), str):
+            state.task_name = _cut(event["name"])
+        _count_retries(state, event)
 
     def _on_started(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is None:
             return
-        if state.start:  # the last execution never ended (a redelivery): it ends here
-            self._emit(task, state, state.start, (UNSET, ""), ("celery.incomplete", True))
-            state = task.trace = self._next(state)
+        if state.start:  # the last execution has not ended: its task-retried may be late
+            following = task.trace = self._next(state, retried=False)
+            following.pending, state = state, following
         state.hostname = event["hostname"]
         timestamp = event["timestamp"]
         state.start = _ns(timestamp)
@@ -422,10 +435,19 @@ class Spans:
 
     def _on_retried(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
-        if state is not None and state.start and _ns(event["timestamp"]) >= state.start:
+        if state is None:
+            return
+        # The worker sends task-retried when the pool reports the retry; by then the
+        # retry's own delivery may have started: the retry ends the execution before.
+        pending = state.pending
+        if pending is not None:
+            state.pending = None
+            pending.error = _exception(event)
+            self._end(task, pending, event, (UNSET, ""), "RETRY")
+        elif state.start:
             state.error = _exception(event)
             self._end(task, state, event, (UNSET, ""), "RETRY")
-            task.trace = self._next(state)
+            task.trace = self._next(state, retried=True)
 
     def _on_succeeded(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
@@ -468,9 +490,9 @@ class Spans:
         state.hostname = event["hostname"]
         self._emit(task, state, _ns(event["timestamp"]), status, ("celery.state", name))
 
-    def _next(self, state: TaskTrace) -> TaskTrace:
+    def _next(self, state: TaskTrace, retried: bool) -> TaskTrace:
         """The next execution's record; its count is kept for tasks it may publish."""
-        following = state.next_attempt()
+        following = state.next_attempt(retried)
         attempts = self._attempts
         attempts[state.uuid] = following.attempt
         attempts.move_to_end(state.uuid)
@@ -487,7 +509,20 @@ class Spans:
         outcome: tuple[str, object],
     ) -> None:
         """Hand a finished execution over; one that never started (revoked or rejected
-        before it ran) is a span of no duration where it ended."""
+        before it ran) is a span of no duration where it ended.
+
+        An earlier execution whose end never came (its task-retried may come after
+        the task's final event) ends where this one began: retried, when Celery
+        counts this delivery as a retry of it; else incomplete, where it started.
+        """
+        pending = state.pending
+        if pending is not None:
+            state.pending = None
+            if state.retries > pending.retries:
+                self._emit(task, pending, state.start, (UNSET, ""), ("celery.state", "RETRY"))
+            else:
+                outcome = ("celery.incomplete", True)
+                self._emit(task, pending, pending.start, (UNSET, ""), outcome)
         state.start = state.start or end
         state.end = max(end, state.start)
         state.status, state.outcome = status, outcome
