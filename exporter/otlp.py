@@ -399,9 +399,9 @@ class HttpSender:
             if self.stopping.is_set() or time.monotonic() + delay >= deadline:
                 tries = f" (tried {retries + 1} times)" if retries else ""
                 raise ExportError(f"{self.endpoint}: {failure}{tries}", retries)
-            retries += 1
             if delay and self.stopping.wait(delay):
                 raise ExportError(f"{self.endpoint}: {failure} (stopping)", retries)
+            retries += 1
 
     def _post(self, data: bytes, timeout: float) -> tuple[int, str, float | None, bytes]:
         """One try: the status, reason, ``Retry-After`` in seconds, and the reply's start."""

@@ -659,28 +659,36 @@ BATCH_DEFAULTS = (
     ("max_export_batch_size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2_048),
 )
 """A quarter of a second of spans at 60,000 tasks a second, some 50 MB at most."""
-_QUEUE_FULL_LOGGER = "opentelemetry.sdk._shared_internal"
 
 
-class _QueueFull(logging.Filter):
-    """The SDK logs each span it drops from a full queue: each is counted, and logged
-    only once a minute, since past the first that logging would cost more than the
-    spans, just when the exporter is behind."""
+class CountingSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, but a span that finds the queue full is dropped and
+    counted here, and logged once a minute: the SDK would log each one, costing more
+    than the spans just when the exporter is behind, and count none."""
 
-    def __init__(self, counts: SpanCounts) -> None:
-        super().__init__()
+    def __init__(self, exporter: SpanExporter, counts: SpanCounts, **sizes: Any) -> None:
+        super().__init__(exporter, **sizes)
+        batches = self._batch_processor
+        self._queue, self._limit = batches._queue, batches._max_queue_size
+        self._emit = batches.emit
         self.counts = counts
         self._logged_at = -WARN_EVERY_SECONDS
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith("Queue full"):
-            return True
+    def on_end(self, span: ReadableSpan) -> None:
+        # Only this thread appends, the export thread only takes: a queue found not
+        # full stays so until the span is in.
+        if len(self._queue) < self._limit:
+            self._emit(span)
+            return
         self.counts.add("dropped", 1)
         now = time.monotonic()
-        if now - self._logged_at < WARN_EVERY_SECONDS:
-            return False
-        self._logged_at = now
-        return True
+        if now - self._logged_at >= WARN_EVERY_SECONDS:
+            self._logged_at = now
+            log.warning(
+                "the span queue is full (%d spans): spans are dropped; not logged again "
+                "for a minute",
+                self._limit,
+            )
 
 
 def origin() -> tuple[Resource, InstrumentationScope]:
@@ -704,15 +712,11 @@ def build(
     # The SDK's defaults (a 2,048-span queue, 512 a request) suit one process's own
     # spans; here every task of the cluster ends a span, thousands a second.
     sizes = {name: None if variable in environ else size for name, variable, size in BATCH_DEFAULTS}
-    queue_full = _QueueFull(counts)
-    logger = logging.getLogger(_QUEUE_FULL_LOGGER)
-    logger.addFilter(queue_full)
-    processor = BatchSpanProcessor(exporter, **sizes)
+    processor = CountingSpanProcessor(exporter, counts, **sizes)
 
     def on_close() -> None:
         if isinstance(exporter, HttpSpanExporter):
             exporter.stopping()
-        logger.removeFilter(queue_full)
 
     return Spans(processor, ratio, metrics, on_close)
 

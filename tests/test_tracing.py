@@ -758,9 +758,52 @@ def test_without_the_opentelemetry_packages_the_start_stops_clearly() -> None:
             "otlp_traces: the OTLP endpoint must be an http:// or https:// URL, got "
             "'collector:4318/v1/traces'",
         ),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "zstd",
+            "otlp_traces: OTEL_EXPORTER_OTLP_TRACES_COMPRESSION: expected one of gzip, none, "
+            "got 'zstd'",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+            "soon",
+            "otlp_traces: OTEL_EXPORTER_OTLP_TIMEOUT: expected a positive number of "
+            "milliseconds, got 'soon'",
+        ),
+        (
+            "OTEL_TRACES_SAMPLER",
+            "jaeger_remote",
+            "otlp_traces: OTEL_TRACES_SAMPLER: expected one of always_on, always_off, "
+            "traceidratio, parentbased_always_on, parentbased_always_off, "
+            "parentbased_traceidratio, got 'jaeger_remote'",
+        ),
     ],
 )
 def test_an_unusable_protocol_stops_the_start(variable: str, value: str, message: str) -> None:
     result = _start([], env={variable: value})
+    assert result.returncode == 2
+    assert result.stderr == f"celery-events-exporter: error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (
+            [],
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+            "otlp_traces: OTEL_TRACES_SAMPLER_ARG: expected a ratio from 0 to 1, got '2'",
+        ),
+        (
+            ["--trace-sample-ratio", "0.5"],
+            {"OTEL_TRACES_SAMPLER": "always_on"},
+            "trace_sample_ratio: set it or OTEL_TRACES_SAMPLER, not both "
+            "(OTEL_TRACES_SAMPLER=always_on)",
+        ),
+    ],
+)
+def test_an_unusable_sampler_stops_the_start(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
+    result = _start(argv, env=env)
     assert result.returncode == 2
     assert result.stderr == f"celery-events-exporter: error: {message}\n"
