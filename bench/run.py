@@ -505,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         help="small sizes: proves the bench works, a few seconds per scenario",
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--traces-only",
+        action="store_true",
+        help="only CPU per event with traces off and on, printed; no results file",
+    )
     args = parser.parse_args(argv)
     sizes, quick = (QUICK, True) if args.quick else (FULL, False)
 
@@ -516,6 +521,11 @@ def main(argv: list[str] | None = None) -> int:
         return Exporter(broker_url, traces=sink.endpoint)
 
     try:
+        if args.traces_only:
+            for mode, batched in (("unbatched", False), ("batched", True)):
+                off, on = bench.cpu(Exporter, batched), bench.cpu(traced, batched)
+                print(f"{mode}: {off:.2f} µs off, {on:.2f} µs on, {on / off:.2f}x")
+            return 0
         figures = {
             "cpu_us_per_event_unbatched": (bench.cpu(Exporter, False), bench.cpu(Baseline, False)),
             "cpu_us_per_event_batched": (bench.cpu(Exporter, True), bench.cpu(Baseline, True)),

@@ -105,6 +105,12 @@ _MASK56 = _RANGE56 - 1
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
 """Odd: n times it differs for every n below 2**64, so executions' span ids differ."""
+_FINE = (UNSET, "")
+SUCCESS, FAILURE, RETRY, REJECTED, REVOKED, INTERRUPTED = (
+    ("celery.state", state)
+    for state in ("SUCCESS", "FAILURE", "RETRY", "REJECTED", "REVOKED", "INTERRUPTED")
+)
+INCOMPLETE = ("celery.incomplete", True)
 _UNBEGUN = object()
 """``Task.trace`` until the task's first sent or received event: absent."""
 
@@ -155,7 +161,7 @@ class Publish:
     )
     kind = otlp.KIND_PRODUCER
     context = _Sampled
-    status = (UNSET, "")
+    status = _FINE
 
     def __init__(self, execution: TaskTrace, parent_span_id: int, at: int) -> None:
         self.uuid = execution.uuid
@@ -345,7 +351,7 @@ class Spans:
         state = getattr(task, "trace", None)
         if state is not None and state.start:
             task.trace = None
-            self._emit(task, state, state.start, (UNSET, ""), ("celery.incomplete", True))
+            self._emit(task, state, state.start, _FINE, INCOMPLETE)
 
     def interrupted(self, task: Task, hostname: str) -> None:
         """The worker running the task was lost: end its execution span with an error."""
@@ -353,7 +359,7 @@ class Spans:
         if state is not None and state.start:
             state.error_type = "WorkerLost"
             status = (ERROR, _cut(f"worker lost: {hostname}"))
-            self._emit(task, state, time.time_ns(), status, ("celery.state", "INTERRUPTED"))
+            self._emit(task, state, time.time_ns(), status, INTERRUPTED)
             task.trace = self._next(state, retried=False)
 
     def close(self) -> None:
@@ -443,20 +449,22 @@ class Spans:
         if pending is not None:
             state.pending = None
             pending.error = _exception(event)
-            self._end(task, pending, event, (UNSET, ""), "RETRY")
+            self._end(task, pending, event, _FINE, RETRY)
         elif state.start:
             state.error = _exception(event)
-            self._end(task, state, event, (UNSET, ""), "RETRY")
+            self._end(task, state, event, _FINE, RETRY)
             task.trace = self._next(state, retried=True)
 
     def _on_succeeded(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
-        if state is not None:
+        if state is not None:  # the commonest end: _final, inlined
+            timestamp = event["timestamp"]
             if self._runtime is not None and state.start:
-                runtime, timestamp = max(0.0, event["runtime"]), event["timestamp"]
-                key = (task.name, task.queue)
+                runtime, key = max(0.0, event["runtime"]), (task.name, task.queue)
                 self._runtime.put(key, runtime, state.trace_id, state.span_id, timestamp)
-            self._final(task, state, event, (UNSET, ""), "SUCCESS")
+            task.trace = None
+            state.hostname = event["hostname"]
+            self._emit(task, state, _ns(timestamp), _FINE, SUCCESS)
 
     def _on_failed(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
@@ -464,31 +472,41 @@ class Spans:
             state.error = _exception(event)
             state.error_type = str(state.error[0][1])
             status = (ERROR, str(state.error[1][1]))
-            self._final(task, state, event, status, "FAILURE")
+            self._final(task, state, event, status, FAILURE)
 
     def _on_rejected(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
-            self._final(task, state, event, (UNSET, ""), "REJECTED")
+            self._final(task, state, event, _FINE, REJECTED)
 
     def _on_revoked(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
-            self._final(task, state, event, (UNSET, ""), "REVOKED")
+            self._final(task, state, event, _FINE, REVOKED)
 
     # Ending an execution.
 
     def _final(
-        self, task: Task, state: TaskTrace, event: Event, status: tuple[int, str], name: str
+        self,
+        task: Task,
+        state: TaskTrace,
+        event: Event,
+        status: tuple[int, str],
+        outcome: tuple[str, object],
     ) -> None:
         task.trace = None
-        self._end(task, state, event, status, name)
+        self._end(task, state, event, status, outcome)
 
     def _end(
-        self, task: Task, state: TaskTrace, event: Event, status: tuple[int, str], name: str
+        self,
+        task: Task,
+        state: TaskTrace,
+        event: Event,
+        status: tuple[int, str],
+        outcome: tuple[str, object],
     ) -> None:
         state.hostname = event["hostname"]
-        self._emit(task, state, _ns(event["timestamp"]), status, ("celery.state", name))
+        self._emit(task, state, _ns(event["timestamp"]), status, outcome)
 
     def _next(self, state: TaskTrace, retried: bool) -> TaskTrace:
         """The next execution's record; its count is kept for tasks it may publish."""
@@ -519,10 +537,9 @@ class Spans:
         if pending is not None:
             state.pending = None
             if state.retries > pending.retries:
-                self._emit(task, pending, state.start, (UNSET, ""), ("celery.state", "RETRY"))
+                self._emit(task, pending, state.start, _FINE, RETRY)
             else:
-                outcome = ("celery.incomplete", True)
-                self._emit(task, pending, pending.start, (UNSET, ""), outcome)
+                self._emit(task, pending, pending.start, _FINE, INCOMPLETE)
         state.start = state.start or end
         state.end = max(end, state.start)
         state.status, state.outcome = status, outcome
