@@ -396,7 +396,8 @@ class HttpSender:
             if delay is None:
                 delay = backoff * (0.5 + random.random() / 2)  # jitter: half to all of it
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-            if self.stopping.is_set() or time.monotonic() + delay >= deadline:
+            # A resend on a fresh connection (no delay) goes even when stopping.
+            if (delay and self.stopping.is_set()) or time.monotonic() + delay >= deadline:
                 tries = f" (tried {retries + 1} times)" if retries else ""
                 raise ExportError(f"{self.endpoint}: {failure}{tries}", retries)
             if delay and self.stopping.wait(delay):

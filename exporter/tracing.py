@@ -98,6 +98,10 @@ MAX_STACKTRACE_LENGTH = 32_768
 RECENT_RETRIED = 10_000
 """Tasks run more than once whose execution count is kept for their children's parent."""
 Attributes = tuple[tuple[str, object], ...]
+SpanStatus = tuple[int, str]
+"""A span's status: OTLP's code, and the description."""
+Outcome = tuple[str, object]
+"""The attribute that says how an execution ended."""
 SpanEventData = tuple[int, str, Attributes]
 """A span event: time (ns), name and attributes."""
 _RANGE56 = 1 << 56
@@ -324,7 +328,6 @@ class Spans:
     ) -> None:
         self.processor = processor
         self.sampling = Sampling(sample_ratio)
-        self.sample_ratio = sample_ratio
         self._on_close = on_close
         self._attempts: OrderedDict[str, int] = OrderedDict()
         """Executions before the current one, of tasks that ran more than once."""
@@ -457,7 +460,7 @@ class Spans:
 
     def _on_succeeded(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
-        if state is not None:  # the commonest end: _final, inlined
+        if state is not None:  # the commonest end: _end, inlined
             timestamp = event["timestamp"]
             if self._runtime is not None and state.start:
                 runtime, key = max(0.0, event["runtime"]), (task.name, task.queue)
@@ -472,39 +475,32 @@ class Spans:
             state.error = _exception(event)
             state.error_type = str(state.error[0][1])
             status = (ERROR, str(state.error[1][1]))
-            self._final(task, state, event, status, FAILURE)
+            self._end(task, state, event, status, FAILURE, final=True)
 
     def _on_rejected(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
-            self._final(task, state, event, _FINE, REJECTED)
+            self._end(task, state, event, _FINE, REJECTED, final=True)
 
     def _on_revoked(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
-            self._final(task, state, event, _FINE, REVOKED)
+            self._end(task, state, event, _FINE, REVOKED, final=True)
 
     # Ending an execution.
-
-    def _final(
-        self,
-        task: Task,
-        state: TaskTrace,
-        event: Event,
-        status: tuple[int, str],
-        outcome: tuple[str, object],
-    ) -> None:
-        task.trace = None
-        self._end(task, state, event, status, outcome)
 
     def _end(
         self,
         task: Task,
         state: TaskTrace,
         event: Event,
-        status: tuple[int, str],
-        outcome: tuple[str, object],
+        status: SpanStatus,
+        outcome: Outcome,
+        final: bool = False,
     ) -> None:
+        """End an execution at the event; a final one ends the task's trace state."""
+        if final:
+            task.trace = None
         state.hostname = event["hostname"]
         self._emit(task, state, _ns(event["timestamp"]), status, outcome)
 
@@ -519,12 +515,7 @@ class Spans:
         return following
 
     def _emit(
-        self,
-        task: Task,
-        state: TaskTrace,
-        end: int,
-        status: tuple[int, str],
-        outcome: tuple[str, object],
+        self, task: Task, state: TaskTrace, end: int, status: SpanStatus, outcome: Outcome
     ) -> None:
         """Hand a finished execution over; one that never started (revoked or rejected
         before it ran) is a span of no duration where it ended.

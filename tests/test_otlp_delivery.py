@@ -23,10 +23,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from exporter import tracing
 from exporter.metrics import Metrics
-from exporter.tracker import Tracker
 from tests.events import event, received, sent, started, succeeded
 from tests.servers import wait_for
-from tests.test_tracing import OtlpReceiver
+from tests.test_tracing import OtlpReceiver, traced_tracker
 
 Answer = Callable[[BaseHTTPRequestHandler], None]
 
@@ -73,15 +72,7 @@ class Scene:
             1.0,
             {**os.environ, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.endpoint, **environ},
         )
-        self.tracker = Tracker(
-            self.metrics,
-            max_tracked_tasks=100_000,
-            default_queue="celery",
-            worker_timeout=30,
-            purge_offline_after=600,
-            max_label_values=100,
-            spans=self.spans,
-        )
+        self.tracker = traced_tracker(self.metrics, self.spans, max_tracked_tasks=100_000)
 
     def run_tasks(self, count: int) -> None:
         """``count`` tasks, sent to succeeded: two spans each."""

@@ -27,6 +27,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -371,14 +373,12 @@ def test_without_sent_events_executions_stand_alone(
     assert runs[0].attributes["celery.queue_wait_seconds"] >= 0
 
 
-def _scene(
-    max_tracked_tasks: int = 100, ratio: float = 1.0
-) -> tuple[Tracker, InMemorySpanExporter]:
-    memory = InMemorySpanExporter()
-    exporter = tracing.ReadableSpanExporter(memory, *tracing.origin())
-    spans = tracing.Spans(SimpleSpanProcessor(exporter), ratio)
-    tracker = Tracker(
-        Metrics(),
+def traced_tracker(
+    metrics: Metrics, spans: tracing.Spans | None, max_tracked_tasks: int = 100
+) -> Tracker:
+    """A tracker whose span hooks are ``spans``."""
+    return Tracker(
+        metrics,
         max_tracked_tasks=max_tracked_tasks,
         default_queue="celery",
         worker_timeout=30,
@@ -386,7 +386,15 @@ def _scene(
         max_label_values=100,
         spans=spans,
     )
-    return tracker, memory
+
+
+def _scene(
+    max_tracked_tasks: int = 100, ratio: float = 1.0
+) -> tuple[Tracker, InMemorySpanExporter]:
+    memory = InMemorySpanExporter()
+    exporter = tracing.ReadableSpanExporter(memory, *tracing.origin())
+    spans = tracing.Spans(SimpleSpanProcessor(exporter), ratio)
+    return traced_tracker(Metrics(), spans, max_tracked_tasks), memory
 
 
 def _feed(tracker: Tracker, *events: dict) -> None:
@@ -591,15 +599,7 @@ class _Recorder(SpanExporter):
 
 def test_the_wire_encoding_is_what_the_sdk_encoder_produces() -> None:
     recorder = _Recorder()
-    tracker = Tracker(
-        Metrics(),
-        max_tracked_tasks=10,
-        default_queue="celery",
-        worker_timeout=30,
-        purge_offline_after=600,
-        max_label_values=100,
-        spans=tracing.Spans(SimpleSpanProcessor(recorder), 0.5),
-    )
+    tracker = traced_tracker(Metrics(), tracing.Spans(SimpleSpanProcessor(recorder), 0.5))
     sampling = tracing.Sampling(0.5)
     a = next(i for i in iter(lambda: str(uuid.uuid4()), "") if sampling.keeps(uuid.UUID(i).int))
     b = str(uuid.uuid4())
@@ -666,15 +666,7 @@ def test_gzip_batches_reach_the_collector(collector: OtlpReceiver) -> None:
             "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip",
         },
     )
-    tracker = Tracker(
-        metrics,
-        max_tracked_tasks=10,
-        default_queue="celery",
-        worker_timeout=30,
-        purge_offline_after=600,
-        max_label_values=100,
-        spans=spans,
-    )
+    tracker = traced_tracker(metrics, spans)
     a = str(uuid.uuid4())
     _feed(tracker, sent(a, "app.add", "celery", 1.0), succeeded(a, 2.0, runtime=1.0))
     spans.close()
@@ -807,3 +799,48 @@ def test_an_unusable_sampler_stops_the_start(
     result = _start(argv, env=env)
     assert result.returncode == 2
     assert result.stderr == f"celery-events-exporter: error: {message}\n"
+
+
+def test_exemplars_name_the_latest_execution_in_each_bucket_only_when_traced() -> None:
+    metrics = Metrics()
+    memory = InMemorySpanExporter()
+    exporter = tracing.ReadableSpanExporter(memory, *tracing.origin())
+    tracker = traced_tracker(metrics, tracing.Spans(SimpleSpanProcessor(exporter), 1.0, metrics))
+    untraced = traced_tracker(Metrics(), None)
+    a, b, c = _ids(3)
+    for task, at, runtime in ((a, 10.0, 0.7), (b, 20.0, 0.8), (c, 30.0, 7.0)):
+        for one in (
+            sent(task, "app.add", "celery", at),
+            started(task, at + 0.3),
+            succeeded(task, at + 1.0, runtime=runtime),
+        ):
+            tracker.handle(one, one["timestamp"])
+            untraced.handle(one, one["timestamp"])
+    spans = {span.attributes["messaging.message.id"]: span for span in _by_kind(memory)[1]}
+
+    def exemplars(metrics: Metrics) -> dict[tuple[str, str], tuple[str, str, float, float]]:
+        registry = CollectorRegistry()
+        registry.register(metrics)
+        found = {}
+        for family in openmetrics_families(openmetrics_latest(registry).decode()):
+            for sample in family.samples:
+                if sample.exemplar is not None:
+                    ids = sample.exemplar.labels
+                    found[(family.name, sample.labels["le"])] = (
+                        ids["trace_id"],
+                        ids["span_id"],
+                        sample.exemplar.value,
+                        float(sample.exemplar.timestamp),
+                    )
+        return found
+
+    def ids(task: str) -> tuple[str, str]:
+        context = spans[task].context
+        return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+    assert exemplars(metrics) == {
+        ("celery_task_runtime_seconds", "1.0"): (*ids(b), 0.8, 21.0),  # b came after a
+        ("celery_task_runtime_seconds", "10.0"): (*ids(c), 7.0, 31.0),
+        ("celery_task_queue_wait_seconds", "0.5"): (*ids(c), pytest.approx(0.3), 30.3),
+    }
+    assert exemplars(untraced.metrics) == {}
