@@ -91,8 +91,9 @@ _PARENT8 = SPAN_PARENT_SPAN_ID + b"\x08"
 
 
 class Span(Protocol):
-    """A finished span as ``tracing.TaskTrace`` holds it: ids as integers (no parent: 0),
-    times in nanoseconds, status as (code, message)."""
+    """A finished span as ``tracing.TaskTrace`` and ``tracing.Publish`` hold it: ids as
+    integers (no parent: 0), a W3C trace state ("" for none), the OTLP span kind, times
+    in nanoseconds, status as (code, message)."""
 
     trace_id: int
     span_id: int
