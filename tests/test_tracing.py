@@ -227,7 +227,12 @@ def test_workflows_become_trees_of_publishes_and_executions(
 
         wait_for(arrived, timeout=60, message=lambda: f"spans: {len(collector.spans)}")
         exemplars = _scrape_exemplars(traced.url)
-        counted = traced.sample("celery_exporter_spans_total", {"outcome": "exported"})
+        wait_for(  # counted once the collector's answer is read
+            lambda: traced.sample("celery_exporter_spans_total", {"outcome": "exported"}) == wanted,
+            timeout=10,
+            message="exported spans not counted",
+        )
+        assert traced.sample("celery_exporter_spans_total", {"outcome": "dropped"}) == 0
         assert traced.stop() == 0
         assert dropped.stop() == 0  # stopping flushes: anything sampled would be sent by now
         assert sampled.stop() == 0
@@ -239,7 +244,6 @@ def test_workflows_become_trees_of_publishes_and_executions(
     assert unsampled.spans == []
     assert unsampled.requests == 0
     assert len(collector.spans) == wanted  # each exported once
-    assert counted == wanted
 
     tree = _tree(collector.spans)
     assert len(tree) == wanted
