@@ -131,7 +131,6 @@ class Sampling:
     W3C trace state) and, for backends that read it, ``SampleRate`` (1 in N)."""
 
     def __init__(self, ratio: float) -> None:
-        self.ratio = ratio
         self.threshold = min(_RANGE56, max(0, round((1.0 - ratio) * _RANGE56)))
         self.everything = self.threshold == 0
         self.nothing = self.threshold == _RANGE56
