@@ -364,14 +364,15 @@ class Config:
     )
     otlp_traces: bool = option(
         False,
-        "Export one OpenTelemetry span per task over OTLP, configured by the standard "
-        "OTEL_EXPORTER_OTLP_* variables (needs the 'tracing' extra).",
+        "Export OpenTelemetry spans of tasks (a publish, each execution) over OTLP, "
+        "configured by the standard OTEL_EXPORTER_OTLP_* variables (needs the 'tracing' extra).",
         group=TRACING,
         parse=_boolean,
     )
     trace_sample_ratio: float = option(
         1.0,
-        "Share of workflows traced, chosen by root task id so a workflow is kept or dropped whole.",
+        "Share of workflows traced, chosen by root task id so a workflow is kept or dropped "
+        "whole; OTEL_TRACES_SAMPLER instead, when set.",
         group=TRACING,
         parse=_number(0.0, 1.0),
         metavar="RATIO",

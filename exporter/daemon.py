@@ -72,7 +72,7 @@ class Daemon:
             worker_timeout=config.worker_timeout,
             purge_offline_after=config.purge_offline_after,
             max_label_values=config.max_label_values,
-            spans=_spans(config),
+            spans=_spans(config, metrics),
             on_failure=failures.record if failures else None,
         )
         history = History(metrics, health)
@@ -169,10 +169,10 @@ class Daemon:
         self.receiver.stop()
 
 
-def _spans(config: Config) -> SpanHooks | None:
+def _spans(config: Config, metrics: Metrics) -> SpanHooks | None:
     """Span hooks when traces are on; only then is OpenTelemetry imported."""
     if not config.otlp_traces:
         return None
     from . import tracing
 
-    return tracing.build(config.trace_sample_ratio)
+    return tracing.build(metrics, config.trace_sample_ratio)

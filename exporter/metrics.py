@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client.core import (
     CounterMetricFamily,
+    Exemplar,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
@@ -150,6 +151,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "Label values beyond --max-label-values, exported as 'other'.", ("label",)),
     MetricSpec("celery_exporter_build_info", GAUGE,
                "The exporter's version, always 1.", ("version",)),
+    MetricSpec("celery_exporter_spans_total", COUNTER,
+               "Spans exported, dropped (queue full, collector refused or unreachable) "
+               "or retried, with --otlp-traces.", ("outcome",)),
 )  # fmt: skip
 
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
@@ -217,6 +221,38 @@ class Histogram:
 
 
 Family = Counter | Gauge | Histogram
+ExemplarData = tuple[int, int, float, float]
+"""An exemplar as the event thread stores it: trace id, span id, value, Unix time."""
+
+
+class Exemplars:
+    """The trace of a recent observation in each bucket of a histogram's series.
+
+    Kept apart from the histogram, written by span hooks after the tracker's
+    handler observed the same value, so an untraced observation pays nothing.
+    Bounded by one exemplar per bucket per series.
+    """
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.values: dict[LabelValues, dict[int, ExemplarData]] = {}
+
+    def put(
+        self, labels: LabelValues, value: float, trace_id: int, span_id: int, timestamp: float
+    ) -> None:
+        series = self.values.get(labels)
+        if series is None:
+            series = self.values[labels] = {}
+        series[bisect_left(self.bounds, value)] = (trace_id, span_id, value, timestamp)
+
+    def of(self, labels: LabelValues) -> list[Exemplar | None]:
+        """Per bucket (+Inf last), its exemplar in prometheus_client's form, or None."""
+        series = dict(self.values.get(labels, {}))  # a copy: the event thread writes
+        found: list[Exemplar | None] = [None] * (len(self.bounds) + 1)
+        for index, (trace_id, span_id, value, timestamp) in series.items():
+            ids = {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"}
+            found[index] = Exemplar(ids, value, timestamp)
+        return found
 
 
 class Metrics(Collector):
@@ -244,6 +280,8 @@ class Metrics(Collector):
         }
         self.static_labels = dict(static_labels or {})
         self.families: dict[str, Family] = {}
+        self.exemplars: dict[str, Exemplars] = {}
+        """Per histogram, when something (traces) records exemplars for it."""
         for spec in METRICS:
             if spec.kind == HISTOGRAM:
                 self.families[spec.name] = Histogram(spec, buckets[spec.name])
@@ -271,6 +309,13 @@ class Metrics(Collector):
         assert type(family) is Histogram, name
         return family
 
+    def exemplars_of(self, name: str) -> Exemplars:
+        """The exemplar store of a histogram, made on first use; OpenMetrics shows it."""
+        store = self.exemplars.get(name)
+        if store is None:
+            store = self.exemplars[name] = Exemplars(self.histogram(name).bounds)
+        return store
+
     def forget(self, label: str, value: str) -> None:
         """Drop every series whose ``label`` is ``value`` (a purged worker)."""
         for family in self.families.values():
@@ -288,7 +333,8 @@ class Metrics(Collector):
             # Copy first: the event thread may add series while we render.
             items = list(family.values.items())
             if isinstance(family, Histogram):
-                yield _histogram_family(family, labels, items, extra_values)
+                exemplars = self.exemplars.get(spec.name)
+                yield _histogram_family(family, labels, items, extra_values, exemplars)
                 continue
             if isinstance(family, Gauge):
                 metric: Metric = GaugeMetricFamily(spec.name, spec.help, labels=labels)
@@ -304,10 +350,16 @@ def _histogram_family(
     labels: list[str],
     items: Iterable[tuple[LabelValues, list[float]]],
     extra_values: LabelValues,
+    exemplars: Exemplars | None = None,
 ) -> HistogramMetricFamily:
     metric = HistogramMetricFamily(family.spec.name, family.spec.help, labels=labels)
     for key, series in items:
         buckets, total = family.buckets(series)
+        if exemplars is not None:
+            buckets = [
+                (edge, count, exemplar) if exemplar else (edge, count)
+                for (edge, count), exemplar in zip(buckets, exemplars.of(key), strict=True)
+            ]
         metric.add_metric(list(key + extra_values), buckets, total)
     return metric
 

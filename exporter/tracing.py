@@ -1,9 +1,18 @@
-"""OpenTelemetry traces rebuilt from the event stream: one span per task.
+"""OpenTelemetry traces rebuilt from the event stream, in the shape of messaging.
 
-A task's span runs from ``task-sent`` (``task-received`` without sent
-events) to its final event, and is built and handed to the SDK's
-``BatchSpanProcessor`` only then. Its state lives in the tracker's task
-record (``Task.trace``), so the task table's bound also bounds open spans.
+A task is published once and executed once or more (retries, redeliveries):
+
+- ``task-sent`` is a ``PRODUCER`` span, ``send <task>``, of no duration,
+  exported at once;
+- each execution, ``task-started`` to the event that ends it (succeeded,
+  failed, retried, rejected, revoked, or its worker lost), is a ``CONSUMER``
+  span, ``process <task>``, a child of the publish. The queue wait is the gap
+  between them. Retries are sibling executions under the one publish.
+  Without sent events the executions have no producer above them.
+
+A task that a workflow's task published hangs below the execution that
+published it. The state of the execution in progress lives in the tracker's
+task record (``Task.trace``), so the task table's bound also bounds open spans.
 
 Ids are derived, never generated, so that spans ending at different times,
 or exported by two replicas, meet in one trace and find their parents:
@@ -11,11 +20,12 @@ or exported by two replicas, meet in one trace and find their parents:
 - trace id: the 128-bit value of the workflow's ``root_id`` (the task's
   own uuid when it has none), or the first 128 bits of its BLAKE2b hash
   when the id is not a UUID;
-- span id: the task's uuid with its two 64-bit halves XORed together (the
-  first 64 bits of its BLAKE2b hash when it is not a UUID); the parent span
-  id is the same of ``parent_id``;
-- sampling: the first 64 bits of the BLAKE2b hash of the root id against
-  the ratio, so a workflow is kept or dropped whole by every replica.
+- the publish's span id: the task's uuid with its two 64-bit halves XORed
+  together (the first 64 bits of its BLAKE2b hash when it is not a UUID);
+  the n-th execution's: that, XORed with n times a 64-bit odd constant;
+- sampling: the trace id's low 56 bits against the threshold of the
+  OpenTelemetry probability sampling specification, so a workflow is kept
+  or dropped whole by every replica, and the threshold is recorded.
 
 This is the only module that imports OpenTelemetry, and the daemon imports
 it only when traces are on.
@@ -25,14 +35,16 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from hashlib import blake2b
-from operator import itemgetter
 from typing import Any
 
 from . import __version__, otlp
 from .config import ConfigError
+from .metrics import Counter, Exemplars, Metrics
 from .tracker import Event, Hook, Task, exception_class
 
 try:
@@ -45,7 +57,14 @@ try:
         SpanExportResult,
     )
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+    from opentelemetry.trace import (
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+        TraceState,
+    )
 except ImportError as exc:
     raise ConfigError(
         f"otlp_traces: needs the OpenTelemetry packages ({exc.name} is missing): "
@@ -57,17 +76,47 @@ log = logging.getLogger(__name__)
 DEFAULT_SERVICE_NAME = "celery"
 WARN_EVERY_SECONDS = 60.0
 PROTOCOLS = ("http/protobuf", "grpc")
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 UNSET, ERROR = StatusCode.UNSET.value, StatusCode.ERROR.value  # the same numbers in OTLP
 HOSTNAME = "celery.worker.hostname"
+ERROR_TYPE = "error.type"
+OUTCOMES = ("exported", "dropped", "retried")
+"""``celery_exporter_spans_total`` outcomes."""
+MAX_VALUE_LENGTH = 4096
+"""Characters kept of a string attribute (an exception message, a task name) when
+``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`` does not say."""
+MAX_STACKTRACE_LENGTH = 32_768
+"""Characters kept of a traceback: its start and its end, where the exception is."""
+RECENT_RETRIED = 10_000
+"""Tasks run more than once whose execution count is kept for their children's parent."""
 Attributes = tuple[tuple[str, object], ...]
+SpanStatus = tuple[int, str]
+"""A span's status: OTLP's code, and the description."""
+Outcome = tuple[str, object]
+"""The attribute that says how an execution ended."""
 SpanEventData = tuple[int, str, Attributes]
 """A span event: time (ns), name and attributes."""
-_RANGE64 = 1 << 64
-_TIME = itemgetter(0)  # of a SpanEventData
+_RANGE56 = 1 << 56
+_MASK56 = _RANGE56 - 1
+_MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15
+"""Odd: n times it differs for every n below 2**64, so executions' span ids differ."""
+_FINE = (UNSET, "")
+SUCCESS, FAILURE, RETRY, REJECTED, REVOKED, INTERRUPTED = (
+    ("celery.state", state)
+    for state in ("SUCCESS", "FAILURE", "RETRY", "REJECTED", "REVOKED", "INTERRUPTED")
+)
+INCOMPLETE = ("celery.incomplete", True)
 _UNBEGUN = object()
 """``Task.trace`` until the task's first sent or received event: absent."""
-_MASK64 = _RANGE64 - 1
 
 
 class _Sampled:
@@ -76,121 +125,216 @@ class _Sampled:
     trace_flags = SAMPLED
 
 
-class TaskTrace:
-    """One task's span, filled in by the hooks and handed on whole when the task ends.
+class Sampling:
+    """A sampling probability as the OpenTelemetry probability sampling specification
+    records it: a rejection threshold on the trace id's low 56 bits (``ot=th:`` in the
+    W3C trace state) and, for backends that read it, ``SampleRate`` (1 in N)."""
 
-    It is plain data: the SDK's span processors read only
-    ``span.context.trace_flags.sampled`` before queuing a span, so a finished
-    trace goes through the ``BatchSpanProcessor`` as it is. ``otlp`` encodes it
-    directly; for other exporters ``ReadableSpanExporter`` makes SDK spans of
-    it, in the export thread.
+    def __init__(self, ratio: float) -> None:
+        self.threshold = min(_RANGE56, max(0, round((1.0 - ratio) * _RANGE56)))
+        self.everything = self.threshold == 0
+        self.nothing = self.threshold == _RANGE56
+        if self.everything or self.nothing:
+            self.trace_state, self.attributes = "", ()
+        else:
+            digits = f"{self.threshold:014x}".rstrip("0")
+            self.trace_state = f"ot=th:{digits}"
+            rate = max(1, round(_RANGE56 / (_RANGE56 - self.threshold)))
+            self.attributes = (("SampleRate", rate),)
 
-    The last delivery's received and started events are kept in slots, and
-    span events are made of them only for export; earlier deliveries and
-    retries, rare, go to ``history``. A span thus allocates nothing per event.
-    """
+    def keeps(self, trace_id: int) -> bool:
+        return self.everything or (not self.nothing and trace_id & _MASK56 >= self.threshold)
+
+
+class Publish:
+    """A task's publish (``task-sent``): a producer span of no duration, sent at once."""
 
     __slots__ = (
         "end",
-        "error",
-        "first_started",
-        "history",
-        "hostname",
         "name",
-        "outcome",
-        "parent_id",
         "parent_span_id",
         "queue",
-        "received",
-        "received_by",
-        "retried",
-        "retries",
-        "root_id",
+        "sampling",
         "span_id",
         "start",
-        "started",
-        "started_by",
-        "status",
+        "task_name",
         "trace_id",
+        "trace_state",
         "uuid",
     )
+    kind = otlp.KIND_PRODUCER
+    context = _Sampled
+    status = _FINE
+
+    def __init__(self, execution: TaskTrace, parent_span_id: int, at: int) -> None:
+        self.uuid = execution.uuid
+        self.trace_id = execution.trace_id
+        self.span_id = execution.message_span_id
+        self.parent_span_id = parent_span_id
+        self.task_name = execution.task_name
+        self.name = f"send {self.task_name}"
+        self.queue = execution.queue
+        self.sampling = execution.sampling
+        self.trace_state = self.sampling.trace_state
+        self.start = self.end = at
+
+    def shared_key(self) -> tuple[object, ...]:
+        return (otlp.KIND_PRODUCER, self.task_name, self.queue, self.sampling)
+
+    def shared_attributes(self) -> Attributes:
+        return (
+            ("messaging.system", "celery"),
+            ("messaging.operation.name", "send"),
+            ("messaging.operation.type", "send"),
+            ("messaging.destination.name", self.queue),
+            ("celery.task.name", self.task_name),
+            *self.sampling.attributes,
+        )
+
+    def own_attributes(self) -> Attributes:
+        return (("messaging.message.id", self.uuid),)
+
+    def events(self) -> list[SpanEventData]:
+        return []
+
+
+class TaskTrace:
+    """One execution of a task, filled in by the hooks and handed on whole when it ends.
+
+    It is plain data: the SDK's span processors read only
+    ``span.context.trace_flags.sampled`` before queuing a span, so a finished
+    execution goes through the ``BatchSpanProcessor`` as it is. ``otlp`` encodes
+    it directly; for other exporters ``ReadableSpanExporter`` makes SDK spans of
+    it, in the export thread. It allocates nothing per event.
+    """
+
+    __slots__ = (
+        "attempt",
+        "end",
+        "error",
+        "error_type",
+        "hostname",
+        "message_span_id",
+        "name",
+        "next_retries",
+        "outcome",
+        "parent_span_id",
+        "pending",
+        "queue",
+        "queue_wait",
+        "retries",
+        "sampling",
+        "span_id",
+        "start",
+        "status",
+        "task_name",
+        "trace_id",
+        "trace_state",
+        "uuid",
+    )
+    kind = otlp.KIND_CONSUMER
     context = _Sampled
 
-    def __init__(self, event: Event, root_id: str) -> None:
-        self.uuid: str = event["uuid"]
-        self.root_id = root_id
-        parent_id = event.get("parent_id")
-        self.parent_id: str | None = parent_id if isinstance(parent_id, str) else None
-        name = event.get("name")
-        self.name: str | None = name if isinstance(name, str) and name else None
+    def __init__(self, uuid: str, trace_id: int, sampling: Sampling) -> None:
+        self.uuid = uuid
+        self.trace_id = trace_id
+        self.sampling = sampling
+        self.trace_state = sampling.trace_state
+        self.message_span_id = _span_id(uuid)
+        self.parent_span_id = 0
+        self.attempt = 0
+        self.span_id = _execution_span_id(self.message_span_id, 0)
+        self.task_name: str | None = None
         self.queue: str | None = None
         self.hostname: str | None = None
-        self.start: int = _ns(event["timestamp"])
-        self.received = self.started = 0  # of the last delivery, with their workers:
-        self.received_by = self.started_by = ""
-        self.first_started = 0
-        self.retried = 0  # task-retried events seen
-        self.retries = 0  # Celery's count, from the events of the redelivered task
-        self.history: list[SpanEventData] | None = None
-        self.error: Attributes = ()  # the exception of a failure
-        # end, trace_id, span_id, parent_span_id (0: none), status and outcome
-        # are set when the task ends, by Spans._emit.
+        self.start = 0  # task-started of this execution, ns; 0 until then
+        self.queue_wait = -1.0  # seconds from ready (sent or ETA, else received) to started
+        self.retries = 0  # Celery's count of the task's retries, for this execution
+        self.next_retries = 0  # the same, of a delivery received while this one runs
+        self.error: Attributes = ()  # the exception this execution ended with
+        self.error_type = ""
+        self.pending: TaskTrace | None = None  # the last execution, until its end arrives
+        # end, name, status and outcome are set when the execution ends, by Spans._emit.
+
+    def next_attempt(self, retried: bool) -> TaskTrace:
+        """The record of the task's next execution: the same task, a new span."""
+        following = TaskTrace.__new__(TaskTrace)
+        for slot in ("uuid", "trace_id", "sampling", "trace_state", "message_span_id"):
+            setattr(following, slot, getattr(self, slot))
+        for slot in ("parent_span_id", "task_name", "queue", "hostname"):
+            setattr(following, slot, getattr(self, slot))
+        following.retries = max(self.next_retries, self.retries + retried)
+        following.next_retries = 0
+        following.attempt = self.attempt + 1
+        following.span_id = _execution_span_id(self.message_span_id, following.attempt)
+        following.start, following.queue_wait = 0, -1.0
+        following.error, following.error_type = (), ""
+        following.pending = None
+        return following
 
     def shared_key(self) -> tuple[object, ...]:
         """What ``shared_attributes`` are made of: spans with equal keys share them."""
-        return (self.queue, self.name, self.retries, self.retried, self.outcome, self.hostname)
+        return (
+            self.queue,
+            self.task_name,
+            self.retries,
+            self.outcome,
+            self.hostname,
+            self.error_type,
+            self.sampling,
+        )
 
     def shared_attributes(self) -> Attributes:
         """Attributes many spans share (task name, queue, worker, outcome): an encoder
         may encode them once per ``shared_key``."""
         shared: Attributes = (
             ("messaging.system", "celery"),
+            ("messaging.operation.name", "process"),
             ("messaging.operation.type", "process"),
             ("messaging.destination.name", self.queue),
-            ("celery.task.name", self.name),
-            ("celery.retries", max(self.retries, self.retried)),
+            ("celery.task.name", self.task_name),
+            ("celery.retries", self.retries),
             self.outcome,
+            *self.sampling.attributes,
         )
         if self.hostname is not None:
             shared += ((HOSTNAME, self.hostname),)
+        if self.error_type:
+            shared += ((ERROR_TYPE, self.error_type),)
         return shared
 
     def own_attributes(self) -> Attributes:
-        """Attributes of this task alone: its id and its times."""
+        """Attributes of this execution alone: its task's id and queue wait."""
         own: Attributes = (("messaging.message.id", self.uuid),)
-        if self.first_started:
-            own += (
-                ("celery.queue_wait_seconds", max(0, self.first_started - self.start) / 1e9),
-                ("celery.run_seconds", max(0, self.end - self.started) / 1e9),
-            )
+        if self.queue_wait >= 0.0:
+            own += (("celery.queue_wait_seconds", self.queue_wait),)
         return own
 
     def events(self) -> list[SpanEventData]:
-        """The span's events in time order; built only for export."""
-        events = list(self.history) if self.history else []
-        if self.received:
-            events.append((self.received, "received", ((HOSTNAME, self.received_by),)))
-        if self.started:
-            events.append((self.started, "started", ((HOSTNAME, self.started_by),)))
-        if self.error:
-            events.append((self.end, "exception", self.error))
-        events.sort(key=_TIME)
-        return events
-
-    def remember(self, event: SpanEventData) -> None:
-        """Keep an event that the slots do not hold."""
-        if self.history is None:
-            self.history = []
-        self.history.append(event)
+        """The exception the execution ended with, if any; built only for export."""
+        return [(self.end, "exception", self.error)] if self.error else []
 
 
 class Spans:
-    """Builds a span per task from the tracker's hooks and hands it to a span processor."""
+    """Builds the spans of tasks from the tracker's hooks and hands them to a span processor."""
 
-    def __init__(self, processor: SpanProcessor, sample_ratio: float = 1.0) -> None:
+    def __init__(
+        self,
+        processor: SpanProcessor,
+        sample_ratio: float = 1.0,
+        metrics: Metrics | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.processor = processor
-        self.sample_ratio = sample_ratio
-        self._threshold = int(sample_ratio * _RANGE64)
+        self.sampling = Sampling(sample_ratio)
+        self._on_close = on_close
+        self._attempts: OrderedDict[str, int] = OrderedDict()
+        """Executions before the current one, of tasks that ran more than once."""
+        self._runtime: Exemplars | None = None
+        self._queue_wait: Exemplars | None = None
+        if metrics is not None:
+            self._runtime = metrics.exemplars_of("celery_task_runtime_seconds")
+            self._queue_wait = metrics.exemplars_of("celery_task_queue_wait_seconds")
 
     def hooks(self) -> Mapping[str, Hook]:
         return {
@@ -205,127 +349,202 @@ class Spans:
         }
 
     def evicted(self, task: Task) -> None:
-        """End the span where its last event was, marked incomplete, rather than leak it."""
+        """End a started execution where it started, marked incomplete, rather than leak it."""
         state = getattr(task, "trace", None)
-        if state is not None:
-            end = max(
-                state.received,
-                state.started,
-                state.start,
-                *(event[0] for event in state.history or ()),
-            )
-            self._emit(task, state, end, (UNSET, ""), ("celery.incomplete", True))
+        if state is not None and state.start:
+            task.trace = None
+            self._emit(task, state, state.start, _FINE, INCOMPLETE)
+
+    def interrupted(self, task: Task, hostname: str) -> None:
+        """The worker running the task was lost: end its execution span with an error."""
+        state = getattr(task, "trace", None)
+        if state is not None and state.start:
+            state.error_type = "WorkerLost"
+            status = (ERROR, _cut(f"worker lost: {hostname}"))
+            self._emit(task, state, time.time_ns(), status, INTERRUPTED)
+            task.trace = self._next(state, retried=False)
 
     def close(self) -> None:
         """Export what is queued, then stop the export thread."""
+        if self._on_close is not None:
+            self._on_close()
         self.processor.shutdown()
 
     # Hooks, one per event type; the task record is there, its trace state may not be.
 
     def _begin(self, task: Task, event: Event) -> TaskTrace | None:
-        """The span starts at the first task-sent or task-received, if its workflow is sampled."""
-        state = getattr(task, "trace", _UNBEGUN)
-        if state is not _UNBEGUN or task.done:  # begun, or a late event of a finished task
-            return None if state is _UNBEGUN else state
+        """The task's trace state from its first task-sent or task-received, if its
+        workflow is sampled; None for an unsampled one, or a late event of a finished task."""
+        uuid = event["uuid"]
         root_id = event.get("root_id")
         if not isinstance(root_id, str) or not root_id:
-            root_id = event["uuid"]
-        ratio = self.sample_ratio
-        sampled = ratio >= 1.0 or (ratio > 0.0 and _hash64(root_id) < self._threshold)
-        state = task.trace = TaskTrace(event, root_id) if sampled else None
+            root_id = uuid
+        trace_id = _trace_id(root_id)
+        if task.done or not self.sampling.keeps(trace_id):
+            task.trace = None
+            return None
+        state = task.trace = TaskTrace(uuid, trace_id, self.sampling)
+        name = event.get("name")
+        if isinstance(name, str) and name:
+            state.task_name = _cut(name)
+        parent_id = event.get("parent_id")
+        if isinstance(parent_id, str) and parent_id and parent_id != uuid:
+            state.parent_span_id = _execution_span_id(
+                _span_id(parent_id), self._attempts.get(parent_id, 0)
+            )
+        _count_retries(state, event)
         return state
 
     def _on_sent(self, task: Task, event: Event) -> None:
+        if getattr(task, "trace", _UNBEGUN) is not _UNBEGUN:
+            return  # a retry's publish: its execution stays under the first publish
         state = self._begin(task, event)
         if state is not None:
             queue = event.get("queue")
-            if isinstance(queue, str) and queue:
-                state.queue = queue
-            _count_retries(state, event)
+            state.queue = _cut(queue) if isinstance(queue, str) and queue else task.queue
+            state.task_name = state.task_name or task.name
+            publish = Publish(state, state.parent_span_id, _ns(event["timestamp"]))
+            state.parent_span_id = state.message_span_id  # executions hang below the publish
+            self.processor.on_end(publish)  # type: ignore[arg-type]  # see TaskTrace
 
     def _on_received(self, task: Task, event: Event) -> None:
-        state = self._begin(task, event)
-        if state is not None:
-            hostname = state.hostname = event["hostname"]
-            if state.name is None and isinstance(event.get("name"), str):
-                state.name = event["name"]
-            _count_retries(state, event)
-            received = _ns(event["timestamp"])
-            # A client stamps task-sent after publishing: a quick worker's
-            # task-received can be earlier, and a span never starts after its events.
-            if received < state.start:
-                state.start = received
-            if state.received:  # a redelivery: the earlier one becomes history
-                state.remember((state.received, "received", ((HOSTNAME, state.received_by),)))
-            state.received, state.received_by = received, hostname
+        state = getattr(task, "trace", _UNBEGUN)
+        if state is _UNBEGUN:
+            state = self._begin(task, event)
+        if state is None:
+            return
+        if state.start:  # the next delivery (a retry's), while this execution runs
+            retries = event.get("retries")
+            if type(retries) is int and retries > state.next_retries:
+                state.next_retries = retries
+            return
+        state.hostname = event["hostname"]
+        if state.task_name is None and isinstance(event.get("name"), str):
+            state.task_name = _cut(event["name"])
+        _count_retries(state, event)
 
     def _on_started(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
-        if state is not None:
-            hostname = state.hostname = event["hostname"]
-            started = _ns(event["timestamp"])
-            if state.started:
-                state.remember((state.started, "started", ((HOSTNAME, state.started_by),)))
-            else:
-                state.first_started = started
-            state.started, state.started_by = started, hostname
+        if state is None:
+            return
+        if state.start:  # the last execution has not ended: its task-retried may be late
+            following = task.trace = self._next(state, retried=False)
+            following.pending, state = state, following
+        state.hostname = event["hostname"]
+        timestamp = event["timestamp"]
+        state.start = _ns(timestamp)
+        sent = task.sent
+        ready = max(sent, task.eta or 0.0) if sent is not None else task.received
+        if ready is not None:
+            wait = state.queue_wait = max(0.0, timestamp - ready)
+            if sent is not None and self._queue_wait is not None:  # as the tracker observed
+                key = (task.name, task.queue)
+                self._queue_wait.put(key, wait, state.trace_id, state.span_id, timestamp)
 
     def _on_retried(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
-        if state is not None:
-            state.retried += 1
-            attributes = (*_exception(event), ("celery.retries", state.retried))
-            state.remember((_ns(event["timestamp"]), "retry", attributes))
+        if state is None:
+            return
+        # The worker sends task-retried when the pool reports the retry; by then the
+        # retry's own delivery may have started: the retry ends the execution before.
+        pending = state.pending
+        if pending is not None:
+            state.pending = None
+            pending.error = _exception(event)
+            self._end(task, pending, event, _FINE, RETRY)
+        elif state.start:
+            state.error = _exception(event)
+            self._end(task, state, event, _FINE, RETRY)
+            task.trace = self._next(state, retried=True)
 
     def _on_succeeded(self, task: Task, event: Event) -> None:
-        self._end(task, event, (UNSET, ""), "SUCCESS")
+        state = getattr(task, "trace", None)
+        if state is not None:  # the commonest end: _end, inlined
+            timestamp = event["timestamp"]
+            if self._runtime is not None and state.start:
+                runtime, key = max(0.0, event["runtime"]), (task.name, task.queue)
+                self._runtime.put(key, runtime, state.trace_id, state.span_id, timestamp)
+            task.trace = None
+            state.hostname = event["hostname"]
+            self._emit(task, state, _ns(timestamp), _FINE, SUCCESS)
 
     def _on_failed(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
-            attributes = state.error = _exception(event)
-            status = (ERROR, f"{attributes[0][1]}: {attributes[1][1]}")
-            self._end(task, event, status, "FAILURE")
+            state.error = _exception(event)
+            state.error_type = str(state.error[0][1])
+            status = (ERROR, str(state.error[1][1]))
+            self._end(task, state, event, status, FAILURE, final=True)
 
     def _on_rejected(self, task: Task, event: Event) -> None:
-        self._end(task, event, (UNSET, ""), "REJECTED")
-
-    def _on_revoked(self, task: Task, event: Event) -> None:
-        self._end(task, event, (UNSET, ""), "REVOKED")
-
-    # Ending the span.
-
-    def _end(self, task: Task, event: Event, status: tuple[int, str], state_name: str) -> None:
         state = getattr(task, "trace", None)
         if state is not None:
-            state.hostname = event["hostname"]
-            self._emit(task, state, _ns(event["timestamp"]), status, ("celery.state", state_name))
+            self._end(task, state, event, _FINE, REJECTED, final=True)
 
-    def _emit(
+    def _on_revoked(self, task: Task, event: Event) -> None:
+        state = getattr(task, "trace", None)
+        if state is not None:
+            self._end(task, state, event, _FINE, REVOKED, final=True)
+
+    # Ending an execution.
+
+    def _end(
         self,
         task: Task,
         state: TaskTrace,
-        end: int,
-        status: tuple[int, str],
-        outcome: tuple[str, object],
+        event: Event,
+        status: SpanStatus,
+        outcome: Outcome,
+        final: bool = False,
     ) -> None:
-        task.trace = None
+        """End an execution at the event; a final one ends the task's trace state."""
+        if final:
+            task.trace = None
+        state.hostname = event["hostname"]
+        self._emit(task, state, _ns(event["timestamp"]), status, outcome)
+
+    def _next(self, state: TaskTrace, retried: bool) -> TaskTrace:
+        """The next execution's record; its count is kept for tasks it may publish."""
+        following = state.next_attempt(retried)
+        attempts = self._attempts
+        attempts[state.uuid] = following.attempt
+        attempts.move_to_end(state.uuid)
+        if len(attempts) > RECENT_RETRIED:
+            attempts.popitem(last=False)
+        return following
+
+    def _emit(
+        self, task: Task, state: TaskTrace, end: int, status: SpanStatus, outcome: Outcome
+    ) -> None:
+        """Hand a finished execution over; one that never started (revoked or rejected
+        before it ran) is a span of no duration where it ended.
+
+        An earlier execution whose end never came (its task-retried may come after
+        the task's final event) ends where this one began: retried, when Celery
+        counts this delivery as a retry of it; else incomplete, where it started.
+        """
+        pending = state.pending
+        if pending is not None:
+            state.pending = None
+            if state.retries > pending.retries:
+                self._emit(task, pending, state.start, _FINE, RETRY)
+            else:
+                self._emit(task, pending, pending.start, _FINE, INCOMPLETE)
+        state.start = state.start or end
         state.end = max(end, state.start)
         state.status, state.outcome = status, outcome
-        state.name = state.name or task.name
+        state.task_name = state.task_name or task.name
+        state.name = f"process {state.task_name}"
         state.queue = state.queue or task.queue
-        state.trace_id = _trace_id(state.root_id)
-        state.span_id = _span_id(state.uuid)
-        parent_id = state.parent_id
-        state.parent_span_id = _span_id(parent_id) if parent_id and parent_id != state.uuid else 0
         self.processor.on_end(state)  # type: ignore[arg-type]  # see TaskTrace
 
 
 def readable_span(
-    trace: TaskTrace, resource: Resource, scope: InstrumentationScope
+    trace: TaskTrace | Publish, resource: Resource, scope: InstrumentationScope
 ) -> ReadableSpan:
-    """The SDK's form of a finished trace, for exporters other than ``otlp``'s."""
-    context = SpanContext(trace.trace_id, trace.span_id, False, SAMPLED)
+    """The SDK's form of a finished span, for exporters other than ``otlp``'s."""
+    state = TraceState.from_header([trace.trace_state]) if trace.trace_state else None
+    context = SpanContext(trace.trace_id, trace.span_id, False, SAMPLED, state)
     parent = (
         SpanContext(trace.trace_id, trace.parent_span_id, True, SAMPLED)
         if trace.parent_span_id
@@ -338,7 +557,7 @@ def readable_span(
         parent=parent,
         resource=resource,
         attributes=dict(trace.shared_attributes() + trace.own_attributes()),
-        kind=SpanKind.CONSUMER,
+        kind=SpanKind.PRODUCER if trace.kind == otlp.KIND_PRODUCER else SpanKind.CONSUMER,
         events=[
             SpanEvent(name, dict(attributes), time) for time, name, attributes in trace.events()
         ],
@@ -349,20 +568,45 @@ def readable_span(
     )
 
 
+class SpanCounts:
+    """``celery_exporter_spans_total``, counted by the export thread and, for spans a
+    full queue drops, by the receiving thread: hence the lock."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self._lock = threading.Lock()
+        for outcome in OUTCOMES:
+            counter.inc((outcome,), 0)
+
+    def add(self, outcome: str, count: int) -> None:
+        with self._lock:
+            self.counter.inc((outcome,), count)
+
+
 class ReadableSpanExporter(SpanExporter):
-    """Hands an SDK exporter (gRPC, or any other) SDK spans made from finished traces."""
+    """Hands an SDK exporter (gRPC, or any other) SDK spans made from finished traces;
+    that exporter retries as it does."""
 
     def __init__(
-        self, exporter: SpanExporter, resource: Resource, scope: InstrumentationScope
+        self,
+        exporter: SpanExporter,
+        resource: Resource,
+        scope: InstrumentationScope,
+        counts: SpanCounts | None = None,
     ) -> None:
         self.exporter = exporter
         self.resource = resource
         self.scope = scope
+        self.counts = counts
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        return self.exporter.export(
+        result = self.exporter.export(
             [readable_span(trace, self.resource, self.scope) for trace in spans]
         )
+        if self.counts is not None:
+            ok = result is SpanExportResult.SUCCESS
+            self.counts.add("exported" if ok else "dropped", len(spans))
+        return result
 
     def shutdown(self) -> None:
         self.exporter.shutdown()
@@ -372,26 +616,46 @@ class HttpSpanExporter(SpanExporter):
     """OTLP/HTTP protobuf with ``otlp``'s encoder, many times cheaper than the SDK's."""
 
     def __init__(
-        self, sender: otlp.HttpSender, resource: Resource, scope: InstrumentationScope
+        self,
+        sender: otlp.HttpSender,
+        resource: Resource,
+        scope: InstrumentationScope,
+        counts: SpanCounts,
     ) -> None:
         self.sender = sender
         self.encoder = otlp.Encoder(resource.attributes, scope.name, scope.version)
+        self.counts = counts
         self._warned_at = -WARN_EVERY_SECONDS
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        size = len(spans)
         try:
-            self.sender.send(self.encoder.encode(spans))
+            delivery = self.sender.send(self.encoder.encode(spans))
         except otlp.ExportError as exc:
-            now = time.monotonic()
-            if now - self._warned_at >= WARN_EVERY_SECONDS:
-                self._warned_at = now
-                log.warning(
-                    "could not export %d spans: %s; further failures are not logged for a minute",
-                    len(spans),
-                    exc,
-                )
+            self.counts.add("retried", size * exc.retries)
+            self.counts.add("dropped", size)
+            self._warn("could not export %d spans: %s", size, exc)
             return SpanExportResult.FAILURE
+        rejected = min(size, delivery.rejected)
+        self.counts.add("retried", size * delivery.retries)
+        self.counts.add("exported", size - rejected)
+        if rejected or delivery.message:
+            self.counts.add("dropped", rejected)
+            self._warn(
+                "the collector rejected %d of %d spans: %s", rejected, size, delivery.message
+            )
         return SpanExportResult.SUCCESS
+
+    def _warn(self, message: str, *args: object) -> None:
+        """Log at most once a minute: a collector that is down fails every batch."""
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_SECONDS:
+            self._warned_at = now
+            log.warning(message + "; further failures are not logged for a minute", *args)
+
+    def stopping(self) -> None:
+        """The daemon stops: what is queued goes once, with no waiting to retry."""
+        self.sender.stopping.set()
 
     def shutdown(self) -> None:
         self.sender.close()
@@ -402,28 +666,36 @@ BATCH_DEFAULTS = (
     ("max_export_batch_size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2_048),
 )
 """A quarter of a second of spans at 60,000 tasks a second, some 50 MB at most."""
-_QUEUE_FULL_LOGGER = "opentelemetry.sdk._shared_internal"
 
 
-class _OncePerMinute(logging.Filter):
-    """The SDK logs each span it drops from a full queue; past the first, that
-    logging would cost more than the spans, just when the exporter is behind."""
+class CountingSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, but a span that finds the queue full is dropped and
+    counted here, and logged once a minute: the SDK would log each one, costing more
+    than the spans just when the exporter is behind, and count none."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, exporter: SpanExporter, counts: SpanCounts, **sizes: Any) -> None:
+        super().__init__(exporter, **sizes)
+        batches = self._batch_processor
+        self._queue, self._limit = batches._queue, batches._max_queue_size
+        self._emit = batches.emit
+        self.counts = counts
         self._logged_at = -WARN_EVERY_SECONDS
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith("Queue full"):
-            return True
+    def on_end(self, span: ReadableSpan) -> None:
+        # Only this thread appends, the export thread only takes: a queue found not
+        # full stays so until the span is in.
+        if len(self._queue) < self._limit:
+            self._emit(span)
+            return
+        self.counts.add("dropped", 1)
         now = time.monotonic()
-        if now - self._logged_at < WARN_EVERY_SECONDS:
-            return False
-        self._logged_at = now
-        return True
-
-
-_QUEUE_FULL_ONCE_PER_MINUTE = _OncePerMinute()
+        if now - self._logged_at >= WARN_EVERY_SECONDS:
+            self._logged_at = now
+            log.warning(
+                "the span queue is full (%d spans): spans are dropped; not logged again "
+                "for a minute",
+                self._limit,
+            )
 
 
 def origin() -> tuple[Resource, InstrumentationScope]:
@@ -434,20 +706,65 @@ def origin() -> tuple[Resource, InstrumentationScope]:
     return resource, InstrumentationScope("celery-events-exporter", __version__)
 
 
-def build(sample_ratio: float, environ: Mapping[str, str] | None = None) -> Spans:
-    """Spans exported by OTLP as the standard OTEL_* environment variables say."""
+def build(
+    metrics: Metrics, sample_ratio: float = 1.0, environ: Mapping[str, str] | None = None
+) -> Spans:
+    """Spans exported by OTLP as the standard OTEL_* environment variables say, counted
+    in ``metrics``, whose run time and queue wait histograms get exemplars."""
     environ = os.environ if environ is None else environ
+    ratio = sampler_ratio(environ, sample_ratio)
     resource, scope = origin()
+    counts = SpanCounts(metrics.counter("celery_exporter_spans_total"))
+    exporter = _span_exporter(environ, resource, scope, counts)
     # The SDK's defaults (a 2,048-span queue, 512 a request) suit one process's own
     # spans; here every task of the cluster ends a span, thousands a second.
     sizes = {name: None if variable in environ else size for name, variable, size in BATCH_DEFAULTS}
-    logging.getLogger(_QUEUE_FULL_LOGGER).addFilter(_QUEUE_FULL_ONCE_PER_MINUTE)
-    processor = BatchSpanProcessor(_span_exporter(environ, resource, scope), **sizes)
-    return Spans(processor, sample_ratio)
+    processor = CountingSpanProcessor(exporter, counts, **sizes)
+
+    def on_close() -> None:
+        if isinstance(exporter, HttpSpanExporter):
+            exporter.stopping()
+
+    return Spans(processor, ratio, metrics, on_close)
+
+
+def sampler_ratio(environ: Mapping[str, str], option: float) -> float:
+    """The share of workflows kept: ``OTEL_TRACES_SAMPLER`` (and ``_ARG``) when set, else
+    ``trace_sample_ratio``. A parent-based sampler is the same as its root's: the root
+    task decides for its whole workflow."""
+    text = environ.get("OTEL_TRACES_SAMPLER", "").strip()
+    if not text:
+        return option
+    name = text.lower()
+    if name not in SAMPLERS:
+        raise ConfigError(
+            f"otlp_traces: OTEL_TRACES_SAMPLER: expected one of {', '.join(SAMPLERS)}, got {text!r}"
+        )
+    if option != 1.0:
+        raise ConfigError(
+            "trace_sample_ratio: set it or OTEL_TRACES_SAMPLER, not both "
+            f"(OTEL_TRACES_SAMPLER={text})"
+        )
+    base = name.removeprefix("parentbased_")
+    if base != "traceidratio":
+        return 1.0 if base == "always_on" else 0.0
+    argument = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    try:
+        ratio = float(argument) if argument else 1.0
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(
+            f"otlp_traces: OTEL_TRACES_SAMPLER_ARG: expected a ratio from 0 to 1, got {argument!r}"
+        )
+    return ratio
 
 
 def _span_exporter(
-    environ: Mapping[str, str], resource: Resource, scope: InstrumentationScope
+    environ: Mapping[str, str],
+    resource: Resource,
+    scope: InstrumentationScope,
+    counts: SpanCounts,
 ) -> SpanExporter:
     variable = next(
         (
@@ -462,22 +779,25 @@ def _span_exporter(
         raise ConfigError(
             f"otlp_traces: {variable}: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}"
         )
-    if protocol == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter as GrpcSpanExporter,
-            )
-        except ImportError:
-            raise ConfigError(
-                f"otlp_traces: {variable}=grpc needs opentelemetry-exporter-otlp-proto-grpc: "
-                "pip install opentelemetry-exporter-otlp-proto-grpc"
-            ) from None
-        return ReadableSpanExporter(GrpcSpanExporter(), resource, scope)
     try:
-        sender = otlp.HttpSender(environ)
+        timeout = otlp.timeout_seconds(environ)
+        otlp.compression(environ)
+        if protocol == "http/protobuf":
+            return HttpSpanExporter(otlp.HttpSender(environ), resource, scope, counts)
     except ValueError as exc:
         raise ConfigError(f"otlp_traces: {exc}") from None
-    return HttpSpanExporter(sender, resource, scope)
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+    except ImportError:
+        raise ConfigError(
+            f"otlp_traces: {variable}=grpc needs opentelemetry-exporter-otlp-proto-grpc: "
+            "pip install opentelemetry-exporter-otlp-proto-grpc"
+        ) from None
+    # The SDK reads OTEL_EXPORTER_OTLP_TIMEOUT in seconds; given here, it is in
+    # milliseconds as over HTTP: the time a batch may take, retries included.
+    return ReadableSpanExporter(GrpcSpanExporter(timeout=timeout), resource, scope, counts)
 
 
 def _count_retries(state: TaskTrace, event: Event) -> None:
@@ -489,16 +809,17 @@ def _count_retries(state: TaskTrace, event: Event) -> None:
 
 def _exception(event: Event) -> Attributes:
     """The semantic-convention attributes of the exception a task-failed or -retried names:
-    type, message and, when the event has one, the stack trace."""
+    type (as Celery names it), message and, when the event has one, the stack trace."""
     text = event.get("exception")
     text = text if isinstance(text, str) else ""
-    attributes: Attributes = (
-        ("exception.type", exception_class(text)),
-        ("exception.message", _exception_message(text)),
-    )
     traceback = event.get("traceback")
-    if isinstance(traceback, str) and traceback:
-        attributes += (("exception.stacktrace", traceback),)
+    traceback = traceback if isinstance(traceback, str) else ""
+    attributes: Attributes = (
+        ("exception.type", _cut(exception_class(text, traceback))),
+        ("exception.message", _cut(_exception_message(text))),
+    )
+    if traceback:
+        attributes += (("exception.stacktrace", _cut(traceback, MAX_STACKTRACE_LENGTH)),)
     return attributes
 
 
@@ -513,8 +834,21 @@ def _exception_message(text: str) -> str:
     return inner
 
 
+def _cut(text: str, limit: int = MAX_VALUE_LENGTH) -> str:
+    """At most ``limit`` characters: the start and the end, joined by an ellipsis."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return f"{text[:half]}…{text[len(text) - (limit - 1 - half) :]}"
+
+
 def _hash64(text: str) -> int:
-    return int.from_bytes(blake2b(text.encode(), digest_size=8).digest())
+    return int.from_bytes(blake2b(_id_bytes(text), digest_size=8).digest())
+
+
+def _id_bytes(text: str) -> bytes:
+    """An id's bytes to hash; a lone surrogate in it passes as it is."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _uuid_value(text: str) -> int:
@@ -531,7 +865,7 @@ def _uuid_value(text: str) -> int:
 
 def _trace_id(root_id: str) -> int:
     return _uuid_value(root_id) or int.from_bytes(
-        blake2b(root_id.encode(), digest_size=16).digest()
+        blake2b(_id_bytes(root_id), digest_size=16).digest()
     )
 
 
@@ -540,6 +874,11 @@ def _span_id(task_id: str) -> int:
     distinct for time-based ones, whose low half is the same for a whole host."""
     value = _uuid_value(task_id)
     return ((value >> 64) ^ (value & _MASK64) if value else _hash64(task_id)) or 1
+
+
+def _execution_span_id(message_span_id: int, attempt: int) -> int:
+    """The span id of a task's execution number ``attempt`` (from 0)."""
+    return (message_span_id ^ ((attempt + 1) * _GOLDEN64 & _MASK64)) or 1
 
 
 def _ns(timestamp: float) -> int:

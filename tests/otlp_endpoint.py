@@ -2,7 +2,9 @@
 
 It serves ``POST /v1/traces`` with protobuf bodies (gzip too) over HTTP/1.1
 kept-alive connections, as collectors do, decodes each request with the
-OTLP protobuf classes and hands it to ``received``.
+OTLP protobuf classes and hands it to ``received``. A test may script how
+the next requests are answered instead (``answers``: refusals, a hang,
+garbage), and what an accepted one is told (``reply``: a partial success).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import contextlib
 import gzip
 import socket
 import threading
+from collections import deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -27,6 +31,11 @@ class OtlpEndpoint:
         self.requests = 0
         self.connections: list[socket.socket] = []
         self.lock = threading.Lock()
+        self.answers: deque[Callable[[BaseHTTPRequestHandler], None]] = deque()
+        """Each request takes the first, if any, which answers it in place of accepting."""
+        self.answered = 0
+        self.user_agents: set[str] = set()
+        self.reply = ExportTraceServiceResponse()
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +48,13 @@ class OtlpEndpoint:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                with endpoint.lock:
+                    endpoint.user_agents.add(self.headers.get("User-Agent", ""))
+                    answer = endpoint.answers.popleft() if endpoint.answers else None
+                    endpoint.answered += answer is not None
+                if answer is not None:
+                    answer(self)
+                    return
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 if (
@@ -51,7 +67,7 @@ class OtlpEndpoint:
                 with endpoint.lock:
                     endpoint.requests += 1
                     endpoint.received(request, len(body))
-                reply = ExportTraceServiceResponse().SerializeToString()
+                reply = endpoint.reply.SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(reply)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,8 +26,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
-from exporter import otlp, tracing
+from exporter import __version__, otlp, tracing
 from exporter.metrics import Metrics
 from exporter.tracker import Tracker
 from tests.celery_app import make_app
@@ -34,7 +42,7 @@ from tests.harness import ROOT, ExporterProcess
 from tests.otlp_endpoint import OtlpEndpoint
 from tests.servers import wait_for
 
-CONSUMER = 5  # SpanKind.SPAN_KIND_CONSUMER in OTLP
+PRODUCER, CONSUMER = 4, 5  # SpanKind.SPAN_KIND_PRODUCER, _CONSUMER in OTLP
 ERROR = 2  # StatusCode.STATUS_CODE_ERROR
 
 
@@ -47,6 +55,7 @@ class Span:
     span_id: str
     parent_id: str
     kind: int
+    trace_state: str
     start: int
     end: int
     attributes: dict[str, Any]
@@ -76,10 +85,6 @@ class OtlpReceiver(OtlpEndpoint):
     def received(self, request: ExportTraceServiceRequest, size: int) -> None:
         self.spans.extend(_spans(request))
 
-    def by_id(self) -> dict[str, Span]:
-        """Spans by the task uuid they describe."""
-        return {span.attributes["messaging.message.id"]: span for span in list(self.spans)}
-
 
 def _spans(request: ExportTraceServiceRequest) -> Iterator[Span]:
     for resource_spans in request.resource_spans:
@@ -92,6 +97,7 @@ def _spans(request: ExportTraceServiceRequest) -> Iterator[Span]:
                     span_id=span.span_id.hex(),
                     parent_id=span.parent_span_id.hex(),
                     kind=span.kind,
+                    trace_state=span.trace_state,
                     start=span.start_time_unix_nano,
                     end=span.end_time_unix_nano,
                     attributes=_attributes(span.attributes),
@@ -110,13 +116,16 @@ def collector() -> Iterator[OtlpReceiver]:
     receiver.stop()
 
 
-def _traced_exporter(broker_url: str, receiver: OtlpReceiver, *argv: str) -> ExporterProcess:
+def _traced_exporter(
+    broker_url: str, receiver: OtlpReceiver, *argv: str, env: dict[str, str] | None = None
+) -> ExporterProcess:
     process = ExporterProcess(
         ["--broker-url", broker_url, "--otlp-traces", *argv],
         env={
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "100",
             "OTEL_SERVICE_NAME": "billing",
+            **(env or {}),
         },
     )
     process.wait_serving()
@@ -136,22 +145,54 @@ def _hex(task_id: str) -> str:
     return uuid.UUID(task_id).hex
 
 
-def test_workflows_become_trees_of_spans(
+def _scrape_exemplars(url: str) -> dict[str, set[str]]:
+    """Trace ids of the exemplars in an OpenMetrics scrape, by histogram."""
+    request = urllib.request.Request(
+        url + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    found: dict[str, set[str]] = {}
+    for family in openmetrics_families(text):
+        for sample in family.samples:
+            if sample.exemplar is not None:
+                found.setdefault(family.name, set()).add(sample.exemplar.labels["trace_id"])
+    return found
+
+
+def _tree(spans: list[Span]) -> dict[str, Span]:
+    """Spans by (kind, task id, execution number in time order)."""
+    keyed: dict[str, Span] = {}
+    for span in sorted(spans, key=lambda span: span.start):
+        task = span.attributes["messaging.message.id"]
+        kind = "send" if span.kind == PRODUCER else "process"
+        number = sum(1 for key in keyed if key.startswith(f"{kind} {task} "))
+        keyed[f"{kind} {task} {number}"] = span
+    return keyed
+
+
+def test_workflows_become_trees_of_publishes_and_executions(
     clean_redis: Any, collector: OtlpReceiver, worker_factory: Callable[..., Any]
 ) -> None:
-    unsampled = OtlpReceiver()
+    unsampled, halved = OtlpReceiver(), OtlpReceiver()
     traced = _traced_exporter(clean_redis.url, collector)
     dropped = _traced_exporter(clean_redis.url, unsampled, "--trace-sample-ratio", "0")
+    sampled = _traced_exporter(
+        clean_redis.url,
+        halved,
+        env={"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
+    )
+    exporters = (traced, dropped, sampled)
     try:
         worker = worker_factory(clean_redis.url)
         wait_for(
-            lambda: (
-                traced.sample("celery_worker_up", {"hostname": worker.hostname}) == 1
-                and dropped.sample("celery_worker_up", {"hostname": worker.hostname}) == 1
+            lambda: all(
+                e.sample("celery_worker_up", {"hostname": worker.hostname}) == 1 for e in exporters
             ),
             timeout=30,
             message="no heartbeat from the worker",
         )
+        assert traced.sample("celery_exporter_spans_total", {"outcome": "retried"}) == 0
         app = make_app(clean_redis.url)
         first, second = _ids(2)
         chain(
@@ -166,66 +207,189 @@ def test_workflows_become_trees_of_spans(
                 app.signature("tests.add", (20,)).set(task_id=right),
             ),
         ).apply_async()
-        failing = str(uuid.uuid4())
+        failing, retrying = _ids(2)
         app.send_task("tests.fail", ("boom",), task_id=failing)
-        everything = {first, second, head, left, right, failing}
-        wait_for(
-            lambda: everything <= collector.by_id().keys(),
-            timeout=60,
-            message=f"spans missing: {everything - collector.by_id().keys()}",
+        app.send_task("tests.retry_then_succeed", (2,), task_id=retrying)
+        pairs = [_ids(2) for _ in range(16)]  # workflows for the sampler
+        for a, b in pairs:
+            chain(
+                app.signature("tests.add", (1, 2)).set(task_id=a),
+                app.signature("tests.add", (3,)).set(task_id=b),
+            ).apply_async()
+        everything = {first, second, head, left, right, failing, retrying}
+        everything |= {task for pair in pairs for task in pair}
+        wanted = 2 * len(everything) + 2  # a publish and an execution each; two more runs
+
+        def arrived() -> bool:
+            spans = list(collector.spans)
+            done = {s.attributes["messaging.message.id"] for s in spans if s.kind == CONSUMER}
+            return everything <= done and len(spans) >= wanted
+
+        wait_for(arrived, timeout=60, message=lambda: f"spans: {len(collector.spans)}")
+        exemplars = _scrape_exemplars(traced.url)
+        wait_for(  # counted once the collector's answer is read
+            lambda: traced.sample("celery_exporter_spans_total", {"outcome": "exported"}) == wanted,
+            timeout=10,
+            message="exported spans not counted",
         )
+        assert traced.sample("celery_exporter_spans_total", {"outcome": "dropped"}) == 0
         assert traced.stop() == 0
         assert dropped.stop() == 0  # stopping flushes: anything sampled would be sent by now
+        assert sampled.stop() == 0
     finally:
-        traced.stop()
-        dropped.stop()
+        for exporter in exporters:
+            exporter.stop()
         unsampled.stop()
+        halved.stop()
     assert unsampled.spans == []
     assert unsampled.requests == 0
+    assert len(collector.spans) == wanted  # each exported once
 
-    spans = collector.by_id()
-    assert len(collector.spans) == len(spans) == 6  # one span per task, each exported once
+    tree = _tree(collector.spans)
+    assert len(tree) == wanted
+    assert len({span.span_id for span in collector.spans}) == wanted
 
-    # The chain: one trace, named by the root task's uuid; the second task under the first.
-    assert spans[first].trace_id == spans[second].trace_id == _hex(first)
-    assert spans[first].parent_id == ""
-    assert spans[second].parent_id == spans[first].span_id
-    # The group applied by the chain: both members are children of the head task.
-    assert {spans[task].trace_id for task in (head, left, right)} == {_hex(head)}
-    assert spans[head].parent_id == ""
-    assert spans[left].parent_id == spans[right].parent_id == spans[head].span_id
-    assert len({span.span_id for span in spans.values()}) == 6
-    assert spans[failing].trace_id == _hex(failing)
+    # The chain: one trace, named by the root task's uuid. The first task's publish is
+    # the root, its execution below it; the second task was published by that execution.
+    root = _hex(first)
+    assert {tree[f"{k} {t} 0"].trace_id for k in ("send", "process") for t in (first, second)} == {
+        root
+    }
+    assert tree[f"send {first} 0"].parent_id == ""
+    assert tree[f"process {first} 0"].parent_id == tree[f"send {first} 0"].span_id
+    assert tree[f"send {second} 0"].parent_id == tree[f"process {first} 0"].span_id
+    assert tree[f"process {second} 0"].parent_id == tree[f"send {second} 0"].span_id
+    # The group applied by the chain: both members published by the head's execution.
+    for member in (left, right):
+        assert tree[f"send {member} 0"].parent_id == tree[f"process {head} 0"].span_id
+        assert tree[f"process {member} 0"].parent_id == tree[f"send {member} 0"].span_id
+        assert tree[f"send {member} 0"].trace_id == _hex(head)
 
-    for task_id in everything - {failing}:
-        span = spans[task_id]
-        assert span.name == "tests.add"
-        assert span.kind == CONSUMER
-        assert span.status == (0, "")
-        assert span.attributes["messaging.system"] == "celery"
-        assert span.attributes["messaging.operation.type"] == "process"
-        assert span.attributes["messaging.destination.name"] == "celery"
-        assert span.attributes["celery.task.name"] == "tests.add"
-        assert span.attributes["celery.worker.hostname"] == worker.hostname
-        assert span.attributes["celery.retries"] == 0
-        assert span.attributes["celery.state"] == "SUCCESS"
-        assert [name for name, _, _ in span.events] == ["received", "started"]
-        (received_at,), (started_at,) = span.event_times("received"), span.event_times("started")
-        assert span.start <= received_at <= started_at <= span.end
-        assert span.attributes["celery.queue_wait_seconds"] == (started_at - span.start) / 1e9
-        assert span.attributes["celery.run_seconds"] == (span.end - started_at) / 1e9
-        assert span.resource["service.name"] == "billing"
+    for task_id in (first, second, head, left, right):
+        publish, execution = tree[f"send {task_id} 0"], tree[f"process {task_id} 0"]
+        assert (publish.name, publish.kind) == ("send tests.add", PRODUCER)
+        assert publish.start == publish.end <= execution.start <= execution.end
+        assert publish.attributes["messaging.operation.name"] == "send"
+        assert publish.attributes["messaging.operation.type"] == "send"
+        assert publish.attributes["messaging.destination.name"] == "celery"
+        assert (execution.name, execution.kind) == ("process tests.add", CONSUMER)
+        assert execution.status == (0, "")
+        assert execution.events == ()
+        attributes = execution.attributes
+        assert attributes["messaging.system"] == "celery"
+        assert attributes["messaging.operation.name"] == "process"
+        assert attributes["messaging.operation.type"] == "process"
+        assert attributes["messaging.destination.name"] == "celery"
+        assert attributes["celery.task.name"] == "tests.add"
+        assert attributes["celery.worker.hostname"] == worker.hostname
+        assert attributes["celery.retries"] == 0
+        assert attributes["celery.state"] == "SUCCESS"
+        assert "error.type" not in attributes and "SampleRate" not in attributes
+        wait = attributes["celery.queue_wait_seconds"]
+        assert wait >= 0 and abs(wait - (execution.start - publish.start) / 1e9) < 1e-3
+        assert execution.resource["service.name"] == "billing"
+        assert publish.trace_state == execution.trace_state == ""
 
-    failure = spans[failing]
-    assert failure.name == "tests.fail"
-    assert failure.status == (ERROR, "ValueError: boom")
+    failure = tree[f"process {failing} 0"]
+    assert failure.name == "process tests.fail"
+    assert failure.status == (ERROR, "boom")
+    assert failure.attributes["error.type"] == "ValueError"
     assert failure.attributes["celery.state"] == "FAILURE"
-    assert [name for name, _, _ in failure.events] == ["received", "started", "exception"]
-    exception = failure.events[-1][2]
+    ((name, at, exception),) = failure.events
+    assert (name, at) == ("exception", failure.end)
     assert exception["exception.type"] == "ValueError"
     assert exception["exception.message"] == "boom"
     assert "ValueError: boom" in exception["exception.stacktrace"]
-    assert failure.start <= failure.events[0][1] <= failure.events[1][1] <= failure.end
+
+    # The retried task: three executions, siblings under its one publish.
+    publish = tree[f"send {retrying} 0"]
+    runs = [tree[f"process {retrying} {n}"] for n in range(3)]
+    assert [run.parent_id for run in runs] == [publish.span_id] * 3
+    assert [run.attributes["celery.state"] for run in runs] == ["RETRY", "RETRY", "SUCCESS"]
+    assert [run.attributes["celery.retries"] for run in runs] == [0, 1, 2]
+    assert runs[0].end <= runs[1].start and runs[1].end <= runs[2].start
+    # The exception, unless the task-retried came after the next run's end (see below).
+    assert {e["exception.type"] for run in runs[:2] for _, _, e in run.events} <= {"RuntimeError"}
+    assert runs[2].events == ()
+    assert all(run.status == (0, "") and "error.type" not in run.attributes for run in runs)
+
+    # Sampling at a half: the workflows whose trace id passes the threshold, whole, and
+    # the threshold recorded on every span.
+    kept = {span.trace_id for span in halved.spans}
+    everything_traces = {span.trace_id for span in collector.spans}
+    expected = {t for t in everything_traces if int(t, 16) & (2**56 - 1) >= 2**55}
+    assert kept == expected
+    assert 0 < len(kept) < len(everything_traces)
+    for trace_id in kept:
+        assert sorted(s.span_id for s in halved.spans if s.trace_id == trace_id) == sorted(
+            s.span_id for s in collector.spans if s.trace_id == trace_id
+        )
+    assert {span.trace_state for span in halved.spans} == {"ot=th:8"}
+    assert {span.attributes["SampleRate"] for span in halved.spans} == {2}
+
+    # Exemplars link both histograms to traces the collector received.
+    assert set(exemplars) == {"celery_task_runtime_seconds", "celery_task_queue_wait_seconds"}
+    for trace_ids in exemplars.values():
+        assert trace_ids and trace_ids <= everything_traces
+
+
+def test_without_sent_events_executions_stand_alone(
+    clean_redis: Any, collector: OtlpReceiver, worker_factory: Callable[..., Any]
+) -> None:
+    traced = _traced_exporter(clean_redis.url, collector)
+    try:
+        worker = worker_factory(clean_redis.url, sent_events=False)
+        wait_for(
+            lambda: traced.sample("celery_worker_up", {"hostname": worker.hostname}) == 1,
+            timeout=30,
+            message="no heartbeat from the worker",
+        )
+        app = make_app(clean_redis.url, sent_events=False)
+        first, second, retrying = _ids(3)
+        chain(
+            app.signature("tests.add", (1, 2)).set(task_id=first),
+            app.signature("tests.add", (3,)).set(task_id=second),
+        ).apply_async()
+        app.send_task("tests.retry_then_succeed", (1,), task_id=retrying)
+        wait_for(
+            lambda: len(collector.spans) >= 4,
+            timeout=60,
+            message=lambda: f"spans: {collector.spans}",
+        )
+        assert traced.stop() == 0
+    finally:
+        traced.stop()
+    assert {span.kind for span in collector.spans} == {CONSUMER}
+    tree = _tree(collector.spans)
+    assert set(tree) == {
+        f"process {first} 0",
+        f"process {second} 0",
+        f"process {retrying} 0",
+        f"process {retrying} 1",
+    }
+    assert tree[f"process {first} 0"].parent_id == ""
+    assert tree[f"process {second} 0"].parent_id == tree[f"process {first} 0"].span_id
+    runs = [tree[f"process {retrying} {n}"] for n in range(2)]
+    assert [run.parent_id for run in runs] == ["", ""]
+    assert [run.attributes["celery.state"] for run in runs] == ["RETRY", "SUCCESS"]
+    # Without a publish, the wait is from task-received (a redelivery's can overtake
+    # the retry, which then leaves it unknown).
+    assert runs[0].attributes["celery.queue_wait_seconds"] >= 0
+
+
+def traced_tracker(
+    metrics: Metrics, spans: tracing.Spans | None, max_tracked_tasks: int = 100
+) -> Tracker:
+    """A tracker whose span hooks are ``spans``."""
+    return Tracker(
+        metrics,
+        max_tracked_tasks=max_tracked_tasks,
+        default_queue="celery",
+        worker_timeout=30,
+        purge_offline_after=600,
+        max_label_values=100,
+        spans=spans,
+    )
 
 
 def _scene(
@@ -234,21 +398,21 @@ def _scene(
     memory = InMemorySpanExporter()
     exporter = tracing.ReadableSpanExporter(memory, *tracing.origin())
     spans = tracing.Spans(SimpleSpanProcessor(exporter), ratio)
-    tracker = Tracker(
-        Metrics(),
-        max_tracked_tasks=max_tracked_tasks,
-        default_queue="celery",
-        worker_timeout=30,
-        purge_offline_after=600,
-        max_label_values=100,
-        spans=spans,
-    )
-    return tracker, memory
+    return traced_tracker(Metrics(), spans, max_tracked_tasks), memory
 
 
 def _feed(tracker: Tracker, *events: dict) -> None:
     for item in events:
         tracker.handle(item, item["timestamp"])
+
+
+def _by_kind(memory: InMemorySpanExporter) -> tuple[list[Any], list[Any]]:
+    """Finished SDK spans: the publishes, and the executions in order."""
+    spans = memory.get_finished_spans()
+    return (
+        [span for span in spans if span.kind == SpanKind.PRODUCER],
+        [span for span in spans if span.kind == SpanKind.CONSUMER],
+    )
 
 
 def test_a_task_evicted_unfinished_ends_incomplete() -> None:
@@ -261,93 +425,132 @@ def test_a_task_evicted_unfinished_ends_incomplete() -> None:
         started(a, 101.0),
         sent(b, "app.add", "celery", 102.0),
     )
-    assert memory.get_finished_spans() == ()
+    publishes, executions = _by_kind(memory)
+    assert [span.name for span in publishes] == ["send app.slow", "send app.add"]
+    assert executions == []
     _feed(tracker, sent(c, "app.add", "celery", 103.0))  # the table is full: a goes
 
-    (span,) = memory.get_finished_spans()
-    assert span.name == "app.slow"
+    _, (span,) = _by_kind(memory)
+    assert span.name == "process app.slow"
     assert span.attributes["celery.incomplete"] is True
     assert "celery.state" not in span.attributes
     assert span.status.is_unset
-    assert (span.start_time, span.end_time) == (100_000_000_000, 101_000_000_000)
-    assert [event.name for event in span.events] == ["received", "started"]
+    assert (span.start_time, span.end_time) == (101_000_000_000, 101_000_000_000)
+    assert span.parent.span_id == publishes[0].context.span_id
     _feed(tracker, succeeded(a, 104.0, runtime=3.0))  # too late: no second span
-    assert len(memory.get_finished_spans()) == 1
+    assert len(_by_kind(memory)[1]) == 1
 
 
-def test_retries_are_events_of_one_span_without_sent_events() -> None:
+def test_retries_are_sibling_executions_under_one_publish() -> None:
     tracker, memory = _scene()
-    task, parent = _ids(2)
+    task = str(uuid.uuid4())
+    _feed(
+        tracker,
+        sent(task, "app.flaky", "celery", 10.0),
+        received(task, "app.flaky", 10.2),
+        started(task, 10.5),
+        event("task-retried", 11.0, uuid=task, exception="RuntimeError('later')"),
+        sent(task, "app.flaky", "celery", 11.1, retries=1),  # the retry's own publish
+        received(task, "app.flaky", 11.2, retries=1),
+        started(task, 12.0, hostname="celery@w2"),
+        failed(task, 13.0, "KeyError('x')", hostname="celery@w2"),
+    )
+
+    (publish,), (first, second) = _by_kind(memory)
+    assert (publish.start_time, publish.end_time) == (10_000_000_000, 10_000_000_000)
+    assert publish.parent is None
+    assert publish.context.span_id == tracing._span_id(task)
+    assert first.parent.span_id == second.parent.span_id == publish.context.span_id
+    assert len({publish.context.span_id, first.context.span_id, second.context.span_id}) == 3
+    assert (first.start_time, first.end_time) == (10_500_000_000, 11_000_000_000)
+    assert (second.start_time, second.end_time) == (12_000_000_000, 13_000_000_000)
+    assert first.attributes["celery.state"] == "RETRY"
+    assert first.status.is_unset and "error.type" not in first.attributes
+    ((retry),) = first.events
+    assert (retry.name, retry.attributes["exception.type"]) == ("exception", "RuntimeError")
+    assert first.attributes["celery.queue_wait_seconds"] == 0.5
+    assert second.attributes["celery.queue_wait_seconds"] == pytest.approx(0.9)
+    assert second.attributes["celery.retries"] == 1
+    assert second.attributes["celery.worker.hostname"] == "celery@w2"
+    assert second.attributes["error.type"] == "KeyError"
+    assert (second.status.status_code, second.status.description) == (StatusCode.ERROR, "x")
+
+
+def test_without_sent_events_executions_hang_below_the_parents_execution() -> None:
+    tracker, memory = _scene()
+    parent, child = _ids(2)
     lineage = {"root_id": parent, "parent_id": parent}
     _feed(
         tracker,
-        received(task, "app.flaky", 10.0, **lineage),
-        started(task, 10.5),
-        event("task-retried", 11.0, uuid=task, exception="RuntimeError('later')"),
-        received(task, "app.flaky", 11.2, retries=1, **lineage),
-        started(task, 12.0),
-        failed(task, 13.0, "KeyError('x')"),
+        received(parent, "app.flaky", 1.0),
+        started(parent, 1.5),
+        event("task-retried", 2.0, uuid=parent, exception="OSError(-1)"),
+        received(parent, "app.flaky", 2.5, retries=1),
+        started(parent, 3.0),
+        received(child, "app.add", 3.2, **lineage),  # published by the second execution
+        started(child, 3.4),
+        succeeded(child, 3.6, runtime=0.2),
+        succeeded(parent, 4.0, runtime=1.0),
     )
-
-    (span,) = memory.get_finished_spans()
-    assert span.start_time == 10_000_000_000
-    assert span.context.trace_id == uuid.UUID(parent).int
-    assert span.parent.span_id == tracing._span_id(parent)
-    assert span.context.span_id == tracing._span_id(task)
-    assert span.attributes["celery.retries"] == 1
-    assert span.attributes["celery.queue_wait_seconds"] == 0.5
-    assert span.attributes["celery.run_seconds"] == 1.0
-    assert [event.name for event in span.events] == [
-        "received",
-        "started",
-        "retry",
-        "received",
-        "started",
-        "exception",
-    ]
-    retry = span.events[2].attributes
-    assert (retry["exception.type"], retry["exception.message"], retry["celery.retries"]) == (
-        "RuntimeError",
-        "later",
-        1,
-    )
-    assert span.status.description == "KeyError: x"
+    publishes, (first, child_run, second) = _by_kind(memory)
+    assert publishes == []
+    assert first.parent is None and second.parent is None
+    assert child_run.parent.span_id == second.context.span_id
+    assert child_run.context.trace_id == uuid.UUID(parent).int
+    assert second.attributes["celery.queue_wait_seconds"] == 0.5  # from task-received
 
 
-def test_a_redelivery_seen_before_its_retry_keeps_every_delivery_in_order() -> None:
+@pytest.mark.parametrize("late", [3, 4, 6])
+def test_a_redelivery_seen_before_its_retry_keeps_executions_apart(late: int) -> None:
     tracker, memory = _scene()
     task = str(uuid.uuid4())
-    # The worker's pool process sends task-retried; the redelivery's task-received,
-    # from the worker itself, can overtake it.
-    _feed(
-        tracker,
+    # The worker sends task-retried when the pool reports the retry: the retry's
+    # own task-received, its task-started, even its task-succeeded can come first.
+    events = [
         received(task, "app.flaky", 10.0),
         started(task, 10.5),
         received(task, "app.flaky", 11.2, retries=1),
-        event("task-retried", 11.0, uuid=task, exception="RuntimeError('later')"),
         started(task, 12.0),
         succeeded(task, 13.0, runtime=1.0),
-    )
-
-    (span,) = memory.get_finished_spans()
-    assert [(event.name, event.timestamp) for event in span.events] == [
-        ("received", 10_000_000_000),
-        ("started", 10_500_000_000),
-        ("retry", 11_000_000_000),
-        ("received", 11_200_000_000),
-        ("started", 12_000_000_000),
     ]
-    assert span.attributes["celery.retries"] == 1
-    assert span.attributes["celery.queue_wait_seconds"] == 0.5  # to the first start
-    assert span.attributes["celery.run_seconds"] == 1.0  # from the last start
-    assert span.status.is_unset
+    events.insert(late, event("task-retried", 11.0, uuid=task, exception="RuntimeError('x')"))
+    _feed(tracker, *events)
+    _, executions = _by_kind(memory)
+    ended = 11 if late < 6 else 12  # too late, the retry ends where the next run began
+    assert sorted((span.start_time, span.end_time) for span in executions) == [
+        (10_500_000_000, ended * 1_000_000_000),
+        (12_000_000_000, 13_000_000_000),
+    ]
+    states = {
+        span.attributes["celery.retries"]: span.attributes["celery.state"] for span in executions
+    }
+    assert states == {0: "RETRY", 1: "SUCCESS"}
+
+
+def test_a_lost_worker_ends_the_execution_with_an_error() -> None:
+    tracker, memory = _scene()
+    task = str(uuid.uuid4())
+    _feed(tracker, sent(task, "app.long", "celery", 1.0), started(task, 2.0))
+    before = time.time_ns()
+    tracker.spans.interrupted(tracker.tasks[task], "celery@w1")
+    _, (lost,) = _by_kind(memory)
+    assert lost.status.status_code == StatusCode.ERROR
+    assert lost.status.description == "worker lost: celery@w1"
+    assert lost.attributes["error.type"] == "WorkerLost"
+    assert lost.start_time == 2_000_000_000 and before <= lost.end_time <= time.time_ns()
+    # Redelivered to another worker, it runs again: a second execution.
+    _feed(tracker, started(task, 5.0, hostname="celery@w2"), succeeded(task, 6.0, runtime=1.0))
+    (publish,), (_, again) = _by_kind(memory)
+    assert again.attributes["celery.state"] == "SUCCESS"
+    assert again.parent.span_id == lost.parent.span_id == publish.context.span_id
+    assert again.context.span_id != lost.context.span_id
 
 
 def test_sampling_keeps_or_drops_whole_workflows_the_same_everywhere() -> None:
     kept = []
     for _replica in range(2):
-        tracker, memory = _scene(ratio=0.5)
-        for n in range(200):
+        tracker, memory = _scene(ratio=0.25)
+        for n in range(400):
             root, child = f"root-{n}", f"child-{n}"
             _feed(
                 tracker,
@@ -356,12 +559,35 @@ def test_sampling_keeps_or_drops_whole_workflows_the_same_everywhere() -> None:
                 succeeded(root, 3.0, runtime=1.0),
                 succeeded(child, 4.0, runtime=1.0),
             )
-        names = [span.attributes["messaging.message.id"] for span in memory.get_finished_spans()]
+        spans = memory.get_finished_spans()
+        names = [span.attributes["messaging.message.id"] for span in spans]
         roots = {name.split("-")[1] for name in names if name.startswith("root")}
         assert roots == {name.split("-")[1] for name in names if name.startswith("child")}
+        assert {span.context.trace_state.get("ot") for span in spans} == {"th:c"}
+        assert {span.attributes["SampleRate"] for span in spans} == {4}
         kept.append(roots)
     assert kept[0] == kept[1]
-    assert 70 < len(kept[0]) < 130
+    assert 60 < len(kept[0]) < 140
+
+
+@pytest.mark.parametrize(
+    ("environ", "option", "ratio"),
+    [
+        ({}, 0.3, 0.3),
+        ({"OTEL_TRACES_SAMPLER": "always_on"}, 1.0, 1.0),
+        ({"OTEL_TRACES_SAMPLER": "always_off"}, 1.0, 0.0),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, 1.0, 0.0),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio"}, 1.0, 1.0),
+        ({"OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}, 1.0, 0.1),
+        (
+            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
+            1.0,
+            0.5,
+        ),
+    ],
+)
+def test_the_standard_sampler_variables(environ: dict, option: float, ratio: float) -> None:
+    assert tracing.sampler_ratio(environ, option) == ratio
 
 
 class _Recorder(SpanExporter):
@@ -377,16 +603,10 @@ class _Recorder(SpanExporter):
 
 def test_the_wire_encoding_is_what_the_sdk_encoder_produces() -> None:
     recorder = _Recorder()
-    tracker = Tracker(
-        Metrics(),
-        max_tracked_tasks=10,
-        default_queue="celery",
-        worker_timeout=30,
-        purge_offline_after=600,
-        max_label_values=100,
-        spans=tracing.Spans(SimpleSpanProcessor(recorder)),
-    )
-    a, b = _ids(2)
+    tracker = traced_tracker(Metrics(), tracing.Spans(SimpleSpanProcessor(recorder), 0.5))
+    sampling = tracing.Sampling(0.5)
+    a = next(i for i in iter(lambda: str(uuid.uuid4()), "") if sampling.keeps(uuid.UUID(i).int))
+    b = str(uuid.uuid4())
     _feed(
         tracker,
         sent(a, "app.add", "celery", 1.0),
@@ -394,10 +614,14 @@ def test_the_wire_encoding_is_what_the_sdk_encoder_produces() -> None:
         started(a, 2.0),
         succeeded(a, 3.0, runtime=1.0),
         sent(b, "app.fail", None, 4.0, root_id=a, parent_id=a),
+        started(b, 4.2),
         event("task-retried", 4.5, uuid=b, exception="OSError(-1)"),
+        started(b, 4.7),
         failed(b, 5.0, "ValueError('ünïcode')"),
     )
     traces = recorder.traces
+    assert [trace.kind for trace in traces] == [4, 5, 4, 5, 5]
+    assert {trace.trace_state for trace in traces} == {"ot=th:8"}
     resource, scope = tracing.origin()
     expected = encode_spans([tracing.readable_span(trace, resource, scope) for trace in traces])
     for resource_spans in expected.resource_spans:
@@ -420,6 +644,7 @@ def test_standard_environment_variables_choose_the_destination() -> None:
     assert sender.endpoint == "http://collector:4318/v1/traces"
     assert sender.headers == {
         "Content-Type": "application/x-protobuf",
+        "User-Agent": f"celery-events-exporter/{__version__}",
         "x-team": "billing",
         "authorization": "Bearer t",
         "Content-Encoding": "gzip",
@@ -436,31 +661,28 @@ def test_standard_environment_variables_choose_the_destination() -> None:
 
 
 def test_gzip_batches_reach_the_collector(collector: OtlpReceiver) -> None:
+    metrics = Metrics()
     spans = tracing.build(
+        metrics,
         1.0,
         {
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.endpoint,
             "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip",
         },
     )
-    tracker = Tracker(
-        Metrics(),
-        max_tracked_tasks=10,
-        default_queue="celery",
-        worker_timeout=30,
-        purge_offline_after=600,
-        max_label_values=100,
-        spans=spans,
-    )
+    tracker = traced_tracker(metrics, spans)
     a = str(uuid.uuid4())
     _feed(tracker, sent(a, "app.add", "celery", 1.0), succeeded(a, 2.0, runtime=1.0))
     spans.close()
-    (span,) = collector.spans
-    assert (span.name, span.trace_id, span.resource["service.name"]) == (
-        "app.add",
-        _hex(a),
-        "celery",
-    )
+    assert [
+        (span.name, span.trace_id, span.resource["service.name"]) for span in collector.spans
+    ] == [
+        ("send app.add", _hex(a), "celery"),
+        ("process app.add", _hex(a), "celery"),
+    ]
+    assert collector.user_agents == {f"celery-events-exporter/{__version__}"}
+    counted = metrics.counter("celery_exporter_spans_total").values
+    assert counted == {("exported",): 2, ("dropped",): 0, ("retried",): 0}
 
 
 def test_batches_share_a_connection_and_one_the_collector_closed_loses_nothing(
@@ -532,9 +754,97 @@ def test_without_the_opentelemetry_packages_the_start_stops_clearly() -> None:
             "otlp_traces: the OTLP endpoint must be an http:// or https:// URL, got "
             "'collector:4318/v1/traces'",
         ),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "zstd",
+            "otlp_traces: OTEL_EXPORTER_OTLP_TRACES_COMPRESSION: expected one of gzip, none, "
+            "got 'zstd'",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+            "soon",
+            "otlp_traces: OTEL_EXPORTER_OTLP_TIMEOUT: expected a positive number of "
+            "milliseconds, got 'soon'",
+        ),
+        (
+            "OTEL_TRACES_SAMPLER",
+            "jaeger_remote",
+            "otlp_traces: OTEL_TRACES_SAMPLER: expected one of always_on, always_off, "
+            "traceidratio, parentbased_always_on, parentbased_always_off, "
+            "parentbased_traceidratio, got 'jaeger_remote'",
+        ),
     ],
 )
 def test_an_unusable_protocol_stops_the_start(variable: str, value: str, message: str) -> None:
     result = _start([], env={variable: value})
     assert result.returncode == 2
     assert result.stderr == f"celery-events-exporter: error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (
+            [],
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+            "otlp_traces: OTEL_TRACES_SAMPLER_ARG: expected a ratio from 0 to 1, got '2'",
+        ),
+        (
+            ["--trace-sample-ratio", "0.5"],
+            {"OTEL_TRACES_SAMPLER": "always_on"},
+            "trace_sample_ratio: set it or OTEL_TRACES_SAMPLER, not both "
+            "(OTEL_TRACES_SAMPLER=always_on)",
+        ),
+    ],
+)
+def test_an_unusable_sampler_stops_the_start(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
+    result = _start(argv, env=env)
+    assert result.returncode == 2
+    assert result.stderr == f"celery-events-exporter: error: {message}\n"
+
+
+def test_exemplars_name_the_latest_execution_in_each_bucket_only_when_traced() -> None:
+    metrics = Metrics()
+    memory = InMemorySpanExporter()
+    exporter = tracing.ReadableSpanExporter(memory, *tracing.origin())
+    tracker = traced_tracker(metrics, tracing.Spans(SimpleSpanProcessor(exporter), 1.0, metrics))
+    untraced = traced_tracker(Metrics(), None)
+    a, b, c = _ids(3)
+    for task, at, runtime in ((a, 10.0, 0.7), (b, 20.0, 0.8), (c, 30.0, 7.0)):
+        for one in (
+            sent(task, "app.add", "celery", at),
+            started(task, at + 0.3),
+            succeeded(task, at + 1.0, runtime=runtime),
+        ):
+            tracker.handle(one, one["timestamp"])
+            untraced.handle(one, one["timestamp"])
+    spans = {span.attributes["messaging.message.id"]: span for span in _by_kind(memory)[1]}
+
+    def exemplars(metrics: Metrics) -> dict[tuple[str, str], tuple[str, str, float, float]]:
+        registry = CollectorRegistry()
+        registry.register(metrics)
+        found = {}
+        for family in openmetrics_families(openmetrics_latest(registry).decode()):
+            for sample in family.samples:
+                if sample.exemplar is not None:
+                    ids = sample.exemplar.labels
+                    found[(family.name, sample.labels["le"])] = (
+                        ids["trace_id"],
+                        ids["span_id"],
+                        sample.exemplar.value,
+                        float(sample.exemplar.timestamp),
+                    )
+        return found
+
+    def ids(task: str) -> tuple[str, str]:
+        context = spans[task].context
+        return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+    assert exemplars(metrics) == {
+        ("celery_task_runtime_seconds", "1.0"): (*ids(b), 0.8, 21.0),  # b came after a
+        ("celery_task_runtime_seconds", "10.0"): (*ids(c), 7.0, 31.0),
+        ("celery_task_queue_wait_seconds", "0.5"): (*ids(c), pytest.approx(0.3), 30.3),
+    }
+    assert exemplars(untraced.metrics) == {}
