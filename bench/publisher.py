@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import amqp
 
-from exporter.amqp_reader import BODY, FRAME_END, HEADER, method_frame
+from exporter.broker.amqp_reader import BODY, FRAME_END, HEADER, method_frame
 
 from .traffic import EXCHANGE, Message, Traffic
 

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def command_parser(name: str) -> argparse.ArgumentParser:
     """A command's flags: its own, and the daemon's broker options."""
-    from . import check, events_cmd
+    from .commands import check, events_cmd
 
     parser = config.CommandLineParser(
         prog=f"{config.PROG} {name}",
@@ -74,7 +74,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
 def command(name: str, argv: Sequence[str]) -> int:
     """Run ``events`` or ``check``; its output goes to stdout, logs to stderr."""
-    from . import check, events_cmd
+    from .commands import check, events_cmd
 
     try:
         args = command_parser(name).parse_args(argv)

@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
-from . import __version__, webconfig
-from .metrics import DEFAULT_RUNTIME_BUCKETS, DEFAULT_WAIT_BUCKETS
+from . import __version__
+from .telemetry.metrics import DEFAULT_RUNTIME_BUCKETS, DEFAULT_WAIT_BUCKETS
+from .web import webconfig
 
 ENV_PREFIX = "CELERY_EXPORTER_"
 PROG = "celery-events-exporter"

@@ -11,22 +11,22 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from . import __version__
-from .amqp_reader import PROTOCOL
+from .broker.amqp_reader import PROTOCOL
+from .broker.receiver import Receiver, receiver_class
 from .config import Config
-from .control import EventsEnabler
 from .decode import REASONS
-from .exposition import Registry
 from .health import Health
-from .inspection import Inspector
-from .metrics import Metrics
-from .overview import FailureRing, History, Overview
-from .periodic import Periodic
-from .pipeline import UNPROCESSABLE, Pipeline
-from .queues import QueuePoller
-from .receiver import Receiver, receiver_class
-from .tracker import SpanHooks, Tracker
-from .web import ExporterServer, Status, WorkerStatus, serve
-from .webconfig import WebSecurity
+from .probes.control import EventsEnabler
+from .probes.inspection import Inspector
+from .probes.periodic import Periodic
+from .probes.queues import QueuePoller
+from .telemetry.exposition import Registry
+from .telemetry.metrics import Metrics
+from .track.pipeline import UNPROCESSABLE, Pipeline
+from .track.tracker import SpanHooks, Tracker
+from .web.overview import FailureRing, History, Overview
+from .web.server import ExporterServer, Status, WorkerStatus, serve
+from .web.webconfig import WebSecurity
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,6 @@ def _spans(config: Config, metrics: Metrics) -> SpanHooks | None:
     """Span hooks when traces are on; only then is OpenTelemetry imported."""
     if not config.otlp_traces:
         return None
-    from . import tracing
+    from .telemetry import tracing
 
     return tracing.build(metrics, config.trace_sample_ratio)

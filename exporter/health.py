@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .metrics import Metrics
+from .telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

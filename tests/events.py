@@ -7,8 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from exporter.metrics import Metrics
-from exporter.tracker import Tracker
+from exporter.telemetry.metrics import Metrics
+from exporter.track.tracker import Tracker
 
 _clock = itertools.count(1)
 

@@ -23,7 +23,7 @@ import amqp
 import orjson
 import pytest
 
-from exporter.amqp_reader import (
+from exporter.broker.amqp_reader import (
     BODY,
     CONNECTION_BLOCKED,
     FRAME_END,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from exporter.labels import MAX_LENGTH, OTHER
-from exporter.tracker import Tracker
+from exporter.track.labels import MAX_LENGTH, OTHER
+from exporter.track.tracker import Tracker
 from tests.events import Scene, heartbeat, received, sent, started, succeeded
 
 CAP = 100

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from exporter import config
-from exporter.metrics import METRICS
+from exporter.telemetry.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = ["--broker-url", "redis://localhost:6379/0"]

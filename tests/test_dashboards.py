@@ -42,7 +42,7 @@ REQUIRED_VARIABLES = {
 }
 
 # The metric contract, as a literal for now: exported_metric_names() prefers
-# the daemon's own table (exporter.metrics.METRICS) when it exists; this list
+# the daemon's own table (exporter.telemetry.metrics.METRICS) when it exists; this list
 # is the fallback and will be removed once the daemon's table is the only source.
 EXPORTED_METRICS: dict[str, str] = {
     "celery_task_sent_total": "counter",
@@ -97,18 +97,18 @@ LABEL_VALUES = re.compile(r"^\s*label_values\((.*?)(?:,\s*\w+\s*)?\)\s*$", re.S)
 def exported_metrics() -> dict[str, str]:
     """Exported metric families, name -> kind.
 
-    Uses the daemon's table ``exporter.metrics.METRICS`` (objects with
+    Uses the daemon's table ``exporter.telemetry.metrics.METRICS`` (objects with
     ``.name`` and ``.kind``; counters' names end in ``_total``) if that module
     exists and has it, else the literal EXPORTED_METRICS above.
     """
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     try:
-        spec = importlib.util.find_spec("exporter.metrics")
+        spec = importlib.util.find_spec("exporter.telemetry.metrics")
     except ModuleNotFoundError:
         spec = None
     if spec is not None:
-        module = importlib.import_module("exporter.metrics")
+        module = importlib.import_module("exporter.telemetry.metrics")
         table = getattr(module, "METRICS", None)
         if table:
             return {m.name: m.kind for m in table}

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exporter.metrics import METRICS
+from exporter.telemetry.metrics import METRICS
 from tests.harness import ExporterProcess, scrape
 from tests.servers import wait_for
 

@@ -13,11 +13,11 @@ from typing import Any
 import orjson
 import pytest
 
-from exporter.check import Observer, diagnose, report
+from exporter.commands.check import Observer, diagnose, report
+from exporter.commands.events_cmd import Printer
 from exporter.config import load
-from exporter.events_cmd import Printer
 from exporter.health import Health
-from exporter.metrics import Metrics
+from exporter.telemetry.metrics import Metrics
 from tests.celery_app import make_app
 from tests.harness import CommandProcess
 from tests.test_hostile_input import (

@@ -8,9 +8,9 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.exposition import Registry
-from exporter.metrics import Metrics
-from exporter.web import Status, serve
+from exporter.telemetry.exposition import Registry
+from exporter.telemetry.metrics import Metrics
+from exporter.web.server import Status, serve
 
 
 def _filled(static_labels: dict[str, str]) -> tuple[Registry, Metrics]:

@@ -26,9 +26,9 @@ from kombu import Connection, Exchange, Producer
 
 from exporter import decode
 from exporter.health import Health
-from exporter.metrics import Metrics
-from exporter.pipeline import UNPROCESSABLE, Pipeline
-from exporter.tracker import HOLD_SECONDS, Tracker
+from exporter.telemetry.metrics import Metrics
+from exporter.track.pipeline import UNPROCESSABLE, Pipeline
+from exporter.track.tracker import HOLD_SECONDS, Tracker
 from tests.events import heartbeat, received, sent, started, succeeded
 from tests.harness import InProcessExporter
 from tests.servers import wait_for
@@ -382,7 +382,7 @@ def test_hostile_messages_through_rabbitmq(rabbitmq_server, tmp_path: Path) -> N
 
 def test_one_log_line_per_reason_per_minute(caplog: pytest.LogCaptureFixture) -> None:
     rig = Rig()
-    with caplog.at_level("WARNING", logger="exporter.pipeline"):
+    with caplog.at_level("WARNING", logger="exporter.track.pipeline"):
         for _ in range(50):
             rig.pipeline.on_body(b"{not json", "application/json", ARRIVAL)
             rig.pipeline.on_body(b"[1, 2]", "application/json", ARRIVAL)

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from exporter.missed import MAX_STARTS_PER_SECOND
-from exporter.tracker import exception_class
+from exporter.track.missed import MAX_STARTS_PER_SECOND
+from exporter.track.tracker import exception_class
 from tests.events import Scene, event, failed, heartbeat, received, started, succeeded
 
 ADD = {"name": "app.add", "queue": "celery"}
@@ -126,7 +126,7 @@ def test_a_lost_worker_interrupts_its_running_tasks_and_frees_its_prefetched(
     scene.tracker.tick(125.0)
     assert scene.value("celery_task_running", **ADD) == 3
     assert scene.value("celery_worker_tasks_prefetched", **W1) == 1
-    with caplog.at_level(logging.WARNING, logger="exporter.tracker"):
+    with caplog.at_level(logging.WARNING, logger="exporter.track.tracker"):
         scene.tracker.tick(131.0)
     assert scene.value("celery_worker_up", **W1) == 0
     assert scene.value("celery_task_interrupted_total", **ADD, **W1) == 2

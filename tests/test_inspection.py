@@ -18,8 +18,8 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from exporter.control import MAILBOX
-from exporter.inspection import Inspector
+from exporter.probes.control import MAILBOX
+from exporter.probes.inspection import Inspector
 from tests import test_queues
 from tests.celery_app import make_app
 from tests.harness import InProcessExporter, scrape

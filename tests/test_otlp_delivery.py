@@ -21,8 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from exporter import tracing
-from exporter.metrics import Metrics
+from exporter.telemetry import tracing
+from exporter.telemetry.metrics import Metrics
 from tests.events import event, received, sent, started, succeeded
 from tests.servers import wait_for
 from tests.test_tracing import OtlpReceiver, traced_tracker
@@ -131,7 +131,7 @@ def test_a_refused_batch_is_dropped_counted_and_logged_once(
 ) -> None:
     scene = Scene(collector)
     collector.answers.extend([refuse(400), refuse(400)])
-    with caplog.at_level(logging.WARNING, logger="exporter.tracing"):
+    with caplog.at_level(logging.WARNING, logger="exporter.telemetry.tracing"):
         scene.run_tasks(3)
         wait_for(lambda: collector.answered == 1, timeout=10, message="no request")
         wait_for(lambda: scene.counts()["dropped"] == 6, timeout=10, message="not counted")
@@ -151,7 +151,7 @@ def test_a_partial_success_counts_the_rejected_spans_as_dropped(
         partial_success=ExportTracePartialSuccess(rejected_spans=1, error_message="too old")
     )
     scene = Scene(collector)
-    with caplog.at_level(logging.WARNING, logger="exporter.tracing"):
+    with caplog.at_level(logging.WARNING, logger="exporter.telemetry.tracing"):
         scene.run_tasks(2)
         _delivered(collector, 4)
         scene.spans.close()

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from exporter.metrics import Metrics
-from exporter.overview import (
+from exporter.telemetry.metrics import Metrics
+from exporter.track.tracker import Task
+from exporter.web.overview import (
     SAMPLES,
     TRACEBACK_BYTES,
     FailureRing,
@@ -18,8 +19,7 @@ from exporter.overview import (
     quantile,
     resident_memory,
 )
-from exporter.tracker import Task
-from exporter.web import ASSETS, PAGE_HEADERS
+from exporter.web.server import ASSETS, PAGE_HEADERS
 from tests.celery_app import make_app
 from tests.harness import InProcessExporter, parse, scrape
 from tests.servers import RedisServer, wait_for

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from exporter.queues import redis_keys
+from exporter.probes.queues import redis_keys
 from tests.celery_app import make_app
 from tests.harness import InProcessExporter, scrape
 from tests.servers import SilentServer, free_port, wait_for

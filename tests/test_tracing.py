@@ -33,9 +33,10 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 
-from exporter import __version__, otlp, tracing
-from exporter.metrics import Metrics
-from exporter.tracker import Tracker
+from exporter import __version__
+from exporter.telemetry import otlp, tracing
+from exporter.telemetry.metrics import Metrics
+from exporter.track.tracker import Tracker
 from tests.celery_app import make_app
 from tests.events import event, failed, received, sent, started, succeeded
 from tests.harness import ROOT, ExporterProcess

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.tracker import HOLD_SECONDS, exception_class
+from exporter.track.tracker import HOLD_SECONDS, exception_class
 from tests.events import Scene, event, failed, heartbeat, received, sent, started, succeeded
 
 W1 = {"hostname": "celery@w1"}

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from exporter.web import Status, WorkerStatus, diagnosis, landing_page
+from exporter.web.server import Status, WorkerStatus, diagnosis, landing_page
 from tests.harness import InProcessExporter, scrape
 
 

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from exporter import cli, webconfig
+from exporter import cli
+from exporter.web import webconfig
 from tests.harness import InProcessExporter
 
 NO_BROKER = "redis://127.0.0.1:9/0"  # the discard port: nothing listens there
@@ -329,7 +330,7 @@ def test_changes_apply_without_restart(
         get(exporter.port, "/healthz", context)
         return "keeping the previous configuration" in caplog.text
 
-    with caplog.at_level(logging.ERROR, logger="exporter.webconfig"):
+    with caplog.at_level(logging.ERROR, logger="exporter.web.webconfig"):
         write_config(path, tls_section(pki, "Sometimes"))
         wait_for(reported, 10, "the broken web config was not reported")
         for _ in range(3):

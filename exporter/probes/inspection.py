@@ -31,9 +31,8 @@ from typing import Any
 
 from kombu.message import Message
 
-from .config import Config
-from .control import ControlClient
-from .decode import (
+from ..config import Config
+from ..decode import (
     CONTENT_TYPE,
     MALFORMED,
     MISSING_FIELD,
@@ -42,10 +41,11 @@ from .decode import (
     InvalidMessage,
     decode_body,
 )
-from .labels import OTHER
-from .metrics import Gauge, Metrics
+from ..telemetry.metrics import Gauge, Metrics
+from ..track.labels import OTHER
+from ..track.tracker import Tracker
+from .control import ControlClient
 from .periodic import Periodic
-from .tracker import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from . import __version__
+from .. import __version__
 
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
 DEFAULT_TIMEOUT_MS = 10_000

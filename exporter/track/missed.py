@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .metrics import Counter
+from ..telemetry.metrics import Counter
 
 log = logging.getLogger(__name__)
 

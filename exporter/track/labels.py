@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .metrics import Counter
+from ..telemetry.metrics import Counter
 
 OTHER = "other"
 MAX_LENGTH = 200

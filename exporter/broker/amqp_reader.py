@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from .decode import MAX_BODY_BYTES, TOO_LARGE
+from ..decode import MAX_BODY_BYTES, TOO_LARGE
 from .receiver import POLL_SECONDS, KombuReceiver, Sink
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .config import Config
+from ..config import Config
 from .receiver import CERT_REQS, POLL_SECONDS, Receiver
 
 SCHEMES = ("redis", "rediss")

@@ -21,11 +21,11 @@ from kombu.transport.redis import Channel as RedisChannel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import redis_pubsub
-from .config import Config
-from .metrics import Metrics
+from ..broker import redis_pubsub
+from ..broker.receiver import broker_connection
+from ..config import Config
+from ..telemetry.metrics import Metrics
 from .periodic import Periodic
-from .receiver import broker_connection
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from .health import Health
-from .metrics import Family, Histogram, Metrics
-from .tracker import UNKNOWN, Event, Task, exception_class
-from .web import Status, diagnosis
+from .. import __version__
+from ..health import Health
+from ..telemetry.metrics import Family, Histogram, Metrics
+from ..track.tracker import UNKNOWN, Event, Task, exception_class
+from .server import Status, diagnosis
 
 SAMPLE_SECONDS = 10.0
 WINDOW_SECONDS = 900.0

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 from kombu import Connection, Consumer, Exchange, Queue
 from kombu.message import Message
 
-from .config import Config
-from .health import Health
+from ..config import Config
+from ..health import Health
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ class KombuReceiver(Receiver):
 
 def receiver_class(broker_url: str) -> type[Receiver]:
     """The leanest receiver for the broker URL's transport."""
-    from . import amqp_reader, redis_pubsub  # both build on this module
+    from .. import redis_pubsub  # both build on this module
+    from . import amqp_reader
 
     if redis_pubsub.handles(broker_url):
         return redis_pubsub.RedisReceiver

@@ -42,10 +42,11 @@ from collections.abc import Callable, Mapping, Sequence
 from hashlib import blake2b
 from typing import Any
 
-from . import __version__, otlp
-from .config import ConfigError
+from .. import __version__
+from ..config import ConfigError
+from ..track.tracker import Event, Hook, Task, exception_class
+from . import otlp
 from .metrics import Counter, Exemplars, Metrics
-from .tracker import Event, Hook, Task, exception_class
 
 try:
     from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource

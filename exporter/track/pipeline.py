@@ -11,9 +11,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from .decode import MALFORMED, InvalidMessage, check_event, decode_body, unwrap_redis_envelope
-from .health import Health
-from .metrics import Metrics
+from ..decode import MALFORMED, InvalidMessage, check_event, decode_body, unwrap_redis_envelope
+from ..health import Health
+from ..telemetry.metrics import Metrics
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)

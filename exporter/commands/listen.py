@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from .config import Config
-from .health import Health
-from .metrics import Metrics
-from .pipeline import Pipeline
-from .receiver import receiver_class
+from ..broker.receiver import receiver_class
+from ..config import Config
+from ..health import Health
+from ..telemetry.metrics import Metrics
+from ..track.pipeline import Pipeline
 
 T = TypeVar("T", int, float)
 

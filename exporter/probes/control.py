@@ -10,7 +10,7 @@ after the object that asks, so a client that binds a new one per call leaves
 a queue (on Redis, a binding and a list of late replies) behind every time.
 
 Two jobs use it: ``EventsEnabler`` here, which broadcasts ``enable_events``,
-and ``exporter.inspection``, which asks for ``stats`` and ``active_queues``.
+and ``exporter.probes.inspection``, which asks for ``stats`` and ``active_queues``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from kombu import Connection, Consumer, Producer, Queue
 from kombu.message import Message
 from kombu.pidbox import Mailbox
 
-from .config import Config
+from ..broker.receiver import broker_connection
+from ..config import Config
 from .periodic import Periodic
-from .receiver import broker_connection
 
 log = logging.getLogger(__name__)
 

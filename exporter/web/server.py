@@ -2,7 +2,7 @@
 
 Served from its own threads and reading only what the event thread already
 recorded, so a scrape never waits on the broker or the workers. The page's
-assets ship in the package (``exporter/static``) and are served under a
+assets ship in the package (``exporter/web/static``) and are served under a
 strict Content-Security-Policy: no inline script or style, nothing from
 elsewhere.
 """
@@ -27,8 +27,8 @@ import orjson
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, generate_latest
 
-from . import __version__
-from .exposition import Registry
+from .. import __version__
+from ..telemetry.exposition import Registry
 from .webconfig import WebSecurity
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from .config import Config
+from ..config import Config
 from .listen import listen, positive, printable
 
 MAX_NAMES = 100_000

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .metrics import Metrics
+from ..telemetry.metrics import Metrics
 
 
 @dataclass

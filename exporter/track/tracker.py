@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from ..telemetry.metrics import Counter, LabelValues, Metrics
 from .labels import OTHER, LabelLimiter
-from .metrics import Counter, LabelValues, Metrics
 from .missed import MissedEvents
 from .workers import WorkerTracker
 
@@ -69,7 +69,7 @@ Hook = TaskHandler
 
 
 class SpanHooks(Protocol):
-    """What the tracker calls when traces are on (``exporter.tracing.Spans``)."""
+    """What the tracker calls when traces are on (``exporter.telemetry.tracing.Spans``)."""
 
     def hooks(self) -> Mapping[str, Hook]:
         """A hook per task event type, given the task's record and the event."""

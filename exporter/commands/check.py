@@ -21,11 +21,11 @@ from typing import Any, TextIO
 
 from kombu import Connection
 
-from .config import Config
-from .decode import CONTENT_TYPE
-from .health import Health
+from ..config import Config
+from ..decode import CONTENT_TYPE
+from ..health import Health
+from ..probes.queues import probe_class
 from .listen import listen, positive, printable
-from .queues import probe_class
 
 DEFAULT_SECONDS = 10.0
 CLOCK_OFFSET_SECONDS = 1.0

@@ -1,0 +1,1 @@
+"""Broker stage: receiving raw event messages, reconnecting forever."""

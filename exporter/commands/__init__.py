@@ -1,0 +1,1 @@
+"""The ``events`` and ``check`` commands: the event stream shown to a person."""

@@ -1,0 +1,1 @@
+"""Metrics and spans: the metric table, its exposition, and traces over OTLP."""

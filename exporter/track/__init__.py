@@ -1,0 +1,1 @@
+"""Track stage: from validated events to the task table, workers and counts."""

@@ -1,0 +1,1 @@
+"""HTTP: the endpoints, their TLS and basic auth, and the overview page."""
