@@ -410,18 +410,18 @@ class Proxy:
         self.target = port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.clients: list[socket.socket] = []
+        self.clients: dict[int, socket.socket] = {}  # by the client's own port
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         while True:
             try:
-                client = self.listener.accept()[0]
+                client, (_, client_port) = self.listener.accept()
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target))
-            self.clients.append(client)
+            self.clients[client_port] = client
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
@@ -434,14 +434,14 @@ class Proxy:
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
 
-    def inject(self, octets: bytes) -> None:
-        """Into the newest connection, towards the client."""
+    def inject(self, client_port: int, octets: bytes) -> None:
+        """Into the connection from ``client_port``, towards the client."""
         with self.lock:
-            self.clients[-1].sendall(octets)
+            self.clients[client_port].sendall(octets)
 
     def close(self) -> None:
         self.listener.close()
-        for client in self.clients:
+        for client in self.clients.values():
             client.close()
 
 
@@ -458,7 +458,8 @@ def test_a_broker_breaking_the_framing_is_counted_and_reconnected_to(
         exporter = exporters(f"amqp://guest:guest@127.0.0.1:{proxy.port}//")
         publish(clean_rabbitmq, [orjson.dumps(sent_events(5, "framing"))])
         counted(exporter, "framing", 5)
-        proxy.inject(octets)
+        # The reader's connection, not the queue probes'.
+        proxy.inject(exporter.daemon.receiver._sock.getsockname()[1], octets)
         wait_for(lambda: exporter.sample(RECONNECTS) == 1, 10, "the broken frame went unnoticed")
         assert exporter.sample(INVALID, {"reason": PROTOCOL}) == 1
         wait_for(lambda: exporter.sample(CONNECTED) == 1, 10, "not reconnected")

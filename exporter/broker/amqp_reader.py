@@ -145,6 +145,7 @@ class Frames:
         view = self._view
         unpack_frame = _PEEK.unpack_from
         unpack_head = _HEAD.unpack_from
+        unpack_body = _FRAME.unpack_from
         payload_max = self.payload_max
         ours = self.channel
         on_body = self.sink.on_body
@@ -173,7 +174,7 @@ class Frames:
                         and body_size <= MAX_BODY_BYTES
                         and data[body - 1] == FRAME_END
                         and data[last] == FRAME_END
-                        and unpack_frame(data, body)[:3] == (BODY, ours, body_size)
+                        and unpack_body(data, body) == (BODY, ours, body_size)
                         and not flags & _MORE_FLAGS
                     ):
                         if not flags & _CONTENT_TYPE_FLAG:
