@@ -106,11 +106,12 @@ class FailureRing:
     def record(self, task: Task, event: Event) -> None:
         """A ``TaskHandler`` chained after the tracker's task-failed handler."""
         text = _text(event.get("exception"), MESSAGE_CHARS)
-        exception = exception_class(text)
+        traceback = event.get("traceback")
+        traceback = traceback if isinstance(traceback, str) else ""
+        exception = exception_class(text, traceback)
         message = text
         if exception != UNKNOWN and text.startswith(exception + "(") and text.endswith(")"):
             message = text[len(exception) + 1 : -1]
-        traceback = event.get("traceback")
         self.failures.append(
             {
                 "time": time.time(),  # the exporter's clock, as every other age here
@@ -119,7 +120,7 @@ class FailureRing:
                 "hostname": _text(event["hostname"], TEXT_CHARS),
                 "exception": exception,
                 "message": message,
-                "traceback": _tail(traceback) if isinstance(traceback, str) else "",
+                "traceback": _tail(traceback),
             }
         )
 
