@@ -215,8 +215,7 @@ class KombuReceiver(Receiver):
 
 def receiver_class(broker_url: str) -> type[Receiver]:
     """The leanest receiver for the broker URL's transport."""
-    from .. import redis_pubsub  # both build on this module
-    from . import amqp_reader
+    from . import amqp_reader, redis_pubsub  # both build on this module
 
     if redis_pubsub.handles(broker_url):
         return redis_pubsub.RedisReceiver
