@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # so that "tests.celery_app" imports however pytest is run
     sys.path.insert(0, str(ROOT))
 
-from tests.servers import RabbitMQServer, RedisServer  # noqa: E402
+from tests.harness import WORKER_TIMEOUT, InProcessExporter  # noqa: E402
+from tests.servers import RabbitMQServer, RedisServer, wait_for  # noqa: E402
 from tests.workers import READY_TIMEOUT, CeleryWorker, WorkerFactory  # noqa: E402
 
 
@@ -74,6 +75,21 @@ def broker(request: pytest.FixtureRequest) -> RedisServer | RabbitMQServer:
     """Each broker in turn, emptied first: for tests that must hold on Redis and RabbitMQ."""
     fixture = "clean_redis" if request.param == "redis" else "clean_rabbitmq"
     return request.getfixturevalue(fixture)
+
+
+@pytest.fixture
+def exporter(broker: RedisServer | RabbitMQServer) -> Iterator[InProcessExporter]:
+    """An in-process exporter on ``broker``, connected, with a short worker timeout."""
+    running = InProcessExporter(
+        ["--broker-url", broker.url, "--worker-timeout", str(WORKER_TIMEOUT)]
+    )
+    wait_for(
+        lambda: running.sample("celery_exporter_broker_connected") == 1,
+        timeout=20,
+        message="exporter never connected",
+    )
+    yield running
+    running.stop()
 
 
 @pytest.fixture

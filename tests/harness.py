@@ -21,8 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import config
 from exporter.daemon import Daemon
+from tests.servers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+WORKER_TIMEOUT = 3
+"""The ``exporter`` fixture's --worker-timeout: a killed worker is down within seconds."""
 
 
 class InProcessExporter:
@@ -192,3 +195,12 @@ class CommandProcess:
             self.process.wait()
         self._out.close()
         self._err.close()
+
+
+def wait_up(exporter: InProcessExporter | ExporterProcess, hostname: str) -> None:
+    """Wait for the exporter to have a heartbeat of the worker."""
+    wait_for(
+        lambda: exporter.sample("celery_worker_up", {"hostname": hostname}) == 1,
+        timeout=30,
+        message=f"no heartbeat from {hostname}",
+    )

@@ -6,39 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from tests.celery_app import make_app
-from tests.harness import ExporterProcess, InProcessExporter
+from tests.harness import WORKER_TIMEOUT, ExporterProcess, InProcessExporter, wait_up
 from tests.servers import RabbitMQServer, wait_for
 
-WORKER_TIMEOUT = 3
 SLEEP = {"name": "tests.sleep", "queue": "celery"}
-
-
-@pytest.fixture
-def exporter(broker: Any) -> Iterator[InProcessExporter]:
-    running = InProcessExporter(
-        ["--broker-url", broker.url, "--worker-timeout", str(WORKER_TIMEOUT)]
-    )
-    wait_for(
-        lambda: running.sample("celery_exporter_broker_connected") == 1,
-        timeout=20,
-        message="exporter never connected",
-    )
-    yield running
-    running.stop()
-
-
-def _wait_up(exporter: InProcessExporter | ExporterProcess, hostname: str) -> None:
-    wait_for(
-        lambda: exporter.sample("celery_worker_up", {"hostname": hostname}) == 1,
-        timeout=30,
-        message=f"no heartbeat from {hostname}",
-    )
 
 
 def _after_two_heartbeats(exporter: InProcessExporter | ExporterProcess, hostname: str) -> None:
@@ -58,7 +33,7 @@ def test_running_tasks_then_a_killed_worker_counts_them_interrupted(
     broker: Any, exporter: InProcessExporter, worker_factory: Callable[..., Any]
 ) -> None:
     worker = worker_factory(broker.url, concurrency=2, extra_args=["--prefetch-multiplier", "1"])
-    _wait_up(exporter, worker.hostname)
+    wait_up(exporter, worker.hostname)
     app = make_app(broker.url)
     before = time.time()
     for _ in range(2):
@@ -106,7 +81,7 @@ def test_rejects_and_failure_run_times(
     broker: Any, exporter: InProcessExporter, worker_factory: Callable[..., Any]
 ) -> None:
     worker = worker_factory(broker.url, concurrency=2)
-    _wait_up(exporter, worker.hostname)
+    wait_up(exporter, worker.hostname)
     app = make_app(broker.url)
     app.send_task("tests.reject")
     for _ in range(2):
@@ -178,7 +153,7 @@ def test_events_lost_while_the_exporter_is_paused_are_counted_as_missed(
     try:
         exporter.wait_serving()
         worker = worker_factory(broker_url, concurrency=4)
-        _wait_up(exporter, worker.hostname)
+        wait_up(exporter, worker.hostname)
         tasks = 6000
         padding = "x" * 400  # fills the socket buffers sooner: ~3 KB of events a task
         os.kill(exporter.process.pid, signal.SIGSTOP)

@@ -2,46 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from celery import chain
 
 from tests.celery_app import make_app
-from tests.harness import InProcessExporter
+from tests.harness import WORKER_TIMEOUT, InProcessExporter, wait_up
 from tests.servers import wait_for
-
-WORKER_TIMEOUT = 3
-
-
-@pytest.fixture
-def exporter(broker: Any) -> Iterator[InProcessExporter]:
-    running = InProcessExporter(
-        ["--broker-url", broker.url, "--worker-timeout", str(WORKER_TIMEOUT)]
-    )
-    wait_for(
-        lambda: running.sample("celery_exporter_broker_connected") == 1,
-        timeout=20,
-        message="exporter never connected",
-    )
-    yield running
-    running.stop()
-
-
-def _wait_up(exporter: InProcessExporter, hostname: str) -> None:
-    wait_for(
-        lambda: exporter.sample("celery_worker_up", {"hostname": hostname}) == 1,
-        timeout=30,
-        message=f"no heartbeat from {hostname}",
-    )
 
 
 def test_a_mix_of_outcomes_is_counted_exactly(
     broker: Any, exporter: InProcessExporter, worker_factory: Callable[..., Any]
 ) -> None:
     worker = worker_factory(broker.url, queues=("celery", "reports"))
-    _wait_up(exporter, worker.hostname)
+    wait_up(exporter, worker.hostname)
     app = make_app(broker.url)
     for i in range(5):
         app.send_task("tests.add", (i, i))
@@ -115,7 +90,7 @@ def test_a_killed_worker_goes_down_within_the_timeout(
     broker: Any, exporter: InProcessExporter, worker_factory: Callable[..., Any]
 ) -> None:
     worker = worker_factory(broker.url)
-    _wait_up(exporter, worker.hostname)
+    wait_up(exporter, worker.hostname)
     worker.kill()
     wait_for(
         lambda: exporter.sample("celery_worker_up", {"hostname": worker.hostname}) == 0,
