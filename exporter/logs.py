@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Hashable
 
 import orjson
+
+EVERY_SECONDS = 60.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,3 +41,22 @@ def setup(level: str, fmt: str) -> None:
     # kombu and redis-py log connection details at INFO; ours say it better.
     for noisy in ("kombu", "amqp", "redis"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class Throttle:
+    """Whether a repeated warning is due: at most once every ``seconds`` per key, so a
+    flood of the same trouble costs one log line a minute, and its count says the rest."""
+
+    def __init__(self, seconds: float = EVERY_SECONDS) -> None:
+        self.seconds = seconds
+        self._last: dict[Hashable, float] = {}
+
+    def due(self, key: Hashable = None) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.seconds) < self.seconds:
+            return False
+        self._last[key] = now
+        return True
+
+    def forget(self, key: Hashable) -> None:
+        self._last.pop(key, None)

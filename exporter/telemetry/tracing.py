@@ -44,6 +44,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import ConfigError
+from ..logs import Throttle
 from ..track.tracker import Event, Hook, Task, exception_class
 from . import otlp
 from .metrics import Counter, Exemplars, Metrics
@@ -75,7 +76,6 @@ except ImportError as exc:
 log = logging.getLogger(__name__)
 
 DEFAULT_SERVICE_NAME = "celery"
-WARN_EVERY_SECONDS = 60.0
 PROTOCOLS = ("http/protobuf", "grpc")
 SAMPLERS = (
     "always_on",
@@ -626,7 +626,7 @@ class HttpSpanExporter(SpanExporter):
         self.sender = sender
         self.encoder = otlp.Encoder(resource.attributes, scope.name, scope.version)
         self.counts = counts
-        self._warned_at = -WARN_EVERY_SECONDS
+        self._throttle = Throttle()
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
         size = len(spans)
@@ -649,9 +649,7 @@ class HttpSpanExporter(SpanExporter):
 
     def _warn(self, message: str, *args: object) -> None:
         """Log at most once a minute: a collector that is down fails every batch."""
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY_SECONDS:
-            self._warned_at = now
+        if self._throttle.due():
             log.warning(message + "; further failures are not logged for a minute", *args)
 
     def stopping(self) -> None:
@@ -680,7 +678,7 @@ class CountingSpanProcessor(BatchSpanProcessor):
         self._queue, self._limit = batches._queue, batches._max_queue_size
         self._emit = batches.emit
         self.counts = counts
-        self._logged_at = -WARN_EVERY_SECONDS
+        self._throttle = Throttle()
 
     def on_end(self, span: ReadableSpan) -> None:
         # Only this thread appends, the export thread only takes: a queue found not
@@ -689,9 +687,7 @@ class CountingSpanProcessor(BatchSpanProcessor):
             self._emit(span)
             return
         self.counts.add("dropped", 1)
-        now = time.monotonic()
-        if now - self._logged_at >= WARN_EVERY_SECONDS:
-            self._logged_at = now
+        if self._throttle.due():
             log.warning(
                 "the span queue is full (%d spans): spans are dropped; not logged again "
                 "for a minute",

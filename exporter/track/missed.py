@@ -19,8 +19,8 @@ are split between heartbeats without remembering their timestamps.
 from __future__ import annotations
 
 import logging
-import time
 
+from ..logs import Throttle
 from ..telemetry.metrics import Counter
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 MAX_STARTS_PER_SECOND = 10_000
 """What one heartbeat may add to the count, per second since the worker's previous
 heartbeat: a corrupt ``processed`` that jumps by billions cannot flood the counter."""
-LOG_EVERY_SECONDS = 60.0
 
 
 class _Worker:
@@ -51,7 +50,7 @@ class MissedEvents:
     def __init__(self, counter: Counter) -> None:
         self._counter = counter
         self._workers: dict[str, _Worker] = {}
-        self._logged_at: dict[str, float] = {}
+        self._throttle = Throttle()
 
     def started(self, hostname: str, timestamp: float) -> None:
         """A ``task-started`` from the worker: on the per-event path, so kept to a compare."""
@@ -88,12 +87,10 @@ class MissedEvents:
     def forget(self, hostname: str) -> None:
         """The worker was purged."""
         self._workers.pop(hostname, None)
-        self._logged_at.pop(hostname, None)
+        self._throttle.forget(hostname)
 
     def _log(self, hostname: str, added: float) -> None:
-        now = time.monotonic()
-        if now - self._logged_at.get(hostname, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
-            self._logged_at[hostname] = now
+        if self._throttle.due(hostname):
             log.warning(
                 "missed %d task-started events from %s: its heartbeat counts more tasks "
                 "started than arrived (events lost on the way; see "

@@ -8,18 +8,17 @@ contains can stop the daemon.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 from ..decode import MALFORMED, InvalidMessage, check_event, decode_body, unwrap_redis_envelope
 from ..health import Health
+from ..logs import Throttle
 from ..telemetry.metrics import Metrics
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
-LOG_EVERY_SECONDS = 60.0
 UNPROCESSABLE = "unprocessable"
 
 
@@ -38,7 +37,7 @@ class Pipeline:
         self.on_tick = on_tick  # at each tick too, on this thread: the overview's history
         self._invalid = metrics.counter("celery_exporter_events_invalid_total")
         self._next_tick = 0.0
-        self._logged_at: dict[str, float] = {}
+        self._throttle = Throttle()
 
     def on_envelope(self, data: bytes, arrival: float) -> None:
         """A message as kombu stores it on Redis: JSON around the body."""
@@ -92,9 +91,7 @@ class Pipeline:
     def dropped(self, reason: str, detail: str) -> None:
         """Tell of a dropped message: here once a minute per reason in the log; the
         commands that print events override it to show each."""
-        now = time.monotonic()
-        if now - self._logged_at.get(reason, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
-            self._logged_at[reason] = now
+        if self._throttle.due(reason):
             log.warning(
                 "dropped invalid event (%s): %s; more of these are only counted in "
                 "celery_exporter_events_invalid_total for the next minute",
