@@ -195,6 +195,18 @@ def test_workflows_become_trees_of_publishes_and_executions(
         )
         assert traced.sample("celery_exporter_spans_total", {"outcome": "retried"}) == 0
         app = make_app(clean_redis.url)
+        # Once the exporters have seen a publish, they hold a task's events until its
+        # task-sent (sent after the message) arrives: the trees below are exact.
+        (warm_up,) = _ids(1)
+        app.send_task("tests.add", (0, 0), task_id=warm_up)
+        wait_for(
+            lambda: all(
+                e.sample("celery_task_sent_total", {"name": "tests.add", "queue": "celery"})
+                for e in exporters
+            ),
+            timeout=30,
+            message="no task-sent seen",
+        )
         first, second = _ids(2)
         chain(
             app.signature("tests.add", (1, 2)).set(task_id=first),
@@ -217,7 +229,7 @@ def test_workflows_become_trees_of_publishes_and_executions(
                 app.signature("tests.add", (1, 2)).set(task_id=a),
                 app.signature("tests.add", (3,)).set(task_id=b),
             ).apply_async()
-        everything = {first, second, head, left, right, failing, retrying}
+        everything = {warm_up, first, second, head, left, right, failing, retrying}
         everything |= {task for pair in pairs for task in pair}
         wanted = 2 * len(everything) + 2  # a publish and an execution each; two more runs
 
@@ -499,6 +511,46 @@ def test_without_sent_events_executions_hang_below_the_parents_execution() -> No
     assert child_run.parent.span_id == second.context.span_id
     assert child_run.context.trace_id == uuid.UUID(parent).int
     assert second.attributes["celery.queue_wait_seconds"] == 0.5  # from task-received
+
+
+@pytest.mark.parametrize("late", [1, 2, 3])
+def test_a_publish_seen_after_the_workers_events_is_still_exported(late: int) -> None:
+    tracker, memory = _scene()
+    parent, child = _ids(2)
+    lineage = {"root_id": parent, "parent_id": parent}
+    _feed(
+        tracker,
+        sent(parent, "app.flow", "celery", 1.0),
+        received(parent, "app.flow", 1.1),
+        started(parent, 1.2),
+    )
+    # Celery sends task-sent after the message. The tracker holds the worker's
+    # events of an unnamed task a while; a publisher that stalls longer is seen
+    # after the task-received, the task-started, even the task-succeeded.
+    events = [
+        received(child, "app.add", 2.1, **lineage),
+        started(child, 2.2),
+        succeeded(child, 2.3, runtime=0.1),
+    ]
+    _feed(tracker, *events[:late])
+    tracker.tick(10.0)
+    _feed(
+        tracker,
+        sent(child, "app.add", "fast", 2.0, **lineage),
+        *events[late:],
+        succeeded(parent, 3.0, runtime=1.8),
+    )
+    publishes, (child_run, parent_run) = _by_kind(memory)
+    assert [span.name for span in publishes] == ["send app.flow", "send app.add"]
+    publish = publishes[1]
+    assert publish.start_time == publish.end_time == 2_000_000_000
+    assert publish.parent.span_id == parent_run.context.span_id
+    assert publish.context.trace_id == child_run.context.trace_id == uuid.UUID(parent).int
+    assert publish.attributes["messaging.destination.name"] == "fast"
+    assert (child_run.start_time, child_run.end_time) == (2_200_000_000, 2_300_000_000)
+    # Below the publish when it came before the execution ended; beside it after.
+    above = publish if late < 3 else parent_run
+    assert child_run.parent.span_id == above.context.span_id
 
 
 @pytest.mark.parametrize("late", [3, 4, 6])

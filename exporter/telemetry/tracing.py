@@ -8,7 +8,10 @@ A task is published once and executed once or more (retries, redeliveries):
   failed, retried, rejected, revoked, or its worker lost), is a ``CONSUMER``
   span, ``process <task>``, a child of the publish. The queue wait is the gap
   between them. Retries are sibling executions under the one publish.
-  Without sent events the executions have no producer above them.
+  Without sent events the executions have no producer above them. The
+  publisher sends ``task-sent`` after the message, so the worker's events
+  can come first: a publish that arrives while the execution runs still
+  becomes its parent; one that arrives after it ended is its sibling.
 
 A task that a workflow's task published hangs below the execution that
 published it. The state of the execution in progress lives in the tracker's
@@ -376,15 +379,19 @@ class Spans:
     def _begin(self, task: Task, event: Event) -> TaskTrace | None:
         """The task's trace state from its first task-sent or task-received, if its
         workflow is sampled; None for an unsampled one, or a late event of a finished task."""
+        state = task.trace = None if task.done else self._trace(event)
+        return state
+
+    def _trace(self, event: Event) -> TaskTrace | None:
+        """A trace state made from a task-sent or task-received, if its workflow is sampled."""
         uuid = event["uuid"]
         root_id = event.get("root_id")
         if not isinstance(root_id, str) or not root_id:
             root_id = uuid
         trace_id = _trace_id(root_id)
-        if task.done or not self.sampling.keeps(trace_id):
-            task.trace = None
+        if not self.sampling.keeps(trace_id):
             return None
-        state = task.trace = TaskTrace(uuid, trace_id, self.sampling)
+        state = TaskTrace(uuid, trace_id, self.sampling)
         name = event.get("name")
         if isinstance(name, str) and name:
             state.task_name = _cut(name)
@@ -397,9 +404,15 @@ class Spans:
         return state
 
     def _on_sent(self, task: Task, event: Event) -> None:
-        if getattr(task, "trace", _UNBEGUN) is not _UNBEGUN:
-            return  # a retry's publish: its execution stays under the first publish
-        state = self._begin(task, event)
+        state = getattr(task, "trace", _UNBEGUN)
+        if state is _UNBEGUN:
+            state = self._begin(task, event)
+        elif event.get("retries"):
+            return  # a retry's publish: its executions stay under the first publish
+        elif state is None:  # unsampled, or the task ended before its publish arrived:
+            state = self._trace(event)  # the publish goes beside the exported execution
+        elif state.parent_span_id == state.message_span_id:
+            return  # published already
         if state is not None:
             queue = event.get("queue")
             state.queue = _cut(queue) if isinstance(queue, str) and queue else task.queue
