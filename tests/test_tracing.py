@@ -555,12 +555,18 @@ def test_a_publish_seen_after_the_workers_events_is_still_exported(late: int) ->
     assert child_run.parent.span_id == above.context.span_id
 
 
-@pytest.mark.parametrize("late", [3, 4, 6])
-def test_a_redelivery_seen_before_its_retry_keeps_executions_apart(late: int) -> None:
+@pytest.mark.parametrize(
+    ("late", "retried", "ended"),
+    [(3, 11.0, 11.0), (4, 11.0, 11.0), (4, 12.5, 12.0), (6, 11.0, 12.0)],
+)
+def test_a_redelivery_seen_before_its_retry_keeps_executions_apart(
+    late: int, retried: float, ended: float
+) -> None:
     tracker, memory = _scene()
     task = str(uuid.uuid4())
     # The worker sends task-retried when the pool reports the retry: the retry's
-    # own task-received, its task-started, even its task-succeeded can come first.
+    # own task-received, its task-started, even its task-succeeded can come first,
+    # stamped earlier. An execution ends by the time the next one began.
     events = [
         received(task, "app.flaky", 10.0),
         started(task, 10.5),
@@ -568,12 +574,11 @@ def test_a_redelivery_seen_before_its_retry_keeps_executions_apart(late: int) ->
         started(task, 12.0),
         succeeded(task, 13.0, runtime=1.0),
     ]
-    events.insert(late, event("task-retried", 11.0, uuid=task, exception="RuntimeError('x')"))
+    events.insert(late, event("task-retried", retried, uuid=task, exception="RuntimeError('x')"))
     _feed(tracker, *events)
     _, executions = _by_kind(memory)
-    ended = 11 if late < 6 else 12  # too late, the retry ends where the next run began
     assert sorted((span.start_time, span.end_time) for span in executions) == [
-        (10_500_000_000, ended * 1_000_000_000),
+        (10_500_000_000, int(ended * 1e9)),
         (12_000_000_000, 13_000_000_000),
     ]
     states = {

@@ -460,12 +460,14 @@ class Spans:
         if state is None:
             return
         # The worker sends task-retried when the pool reports the retry; by then the
-        # retry's own delivery may have started: the retry ends the execution before.
+        # retry's own delivery may have started: the retry ends the execution before,
+        # by the time the next one began.
         pending = state.pending
         if pending is not None:
             state.pending = None
             pending.error = _exception(event)
-            self._end(task, pending, event, _FINE, RETRY)
+            pending.hostname = event["hostname"]
+            self._emit(task, pending, min(_ns(event["timestamp"]), state.start), _FINE, RETRY)
         elif state.start:
             state.error = _exception(event)
             self._end(task, state, event, _FINE, RETRY)
