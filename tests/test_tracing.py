@@ -677,7 +677,8 @@ def test_the_wire_encoding_is_what_the_sdk_encoder_produces() -> None:
         started(b, 4.2),
         event("task-retried", 4.5, uuid=b, exception="OSError(-1)"),
         started(b, 4.7),
-        failed(b, 5.0, "ValueError('ünïcode')"),
+        # Lengths of one, two and three varint bytes.
+        failed(b, 5.0, f"ValueError('ünïcode {'x' * 200}')", traceback="  line\n" * 3000),
     )
     traces = recorder.traces
     assert [trace.kind for trace in traces] == [4, 5, 4, 5, 5]

@@ -220,12 +220,14 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
 
 def _key_value(tag: bytes, key: str, value: Any) -> bytes:
     """One ``KeyValue`` field. Callers cache what repeats (shared attributes,
-    ``_event``); of the rest, doubles (measurements) and strings (ids), only the key is."""
+    ``_event``); of the rest, doubles (measurements) and strings (ids), only all
+    but the value's bytes are."""
     if type(value) is float:
         return _double_key(tag, key) + _DOUBLE.pack(value)
     if type(value) is str:
-        any_value = _field(ANY_STRING, _utf8(value))
-    elif isinstance(value, bool):
+        data = _utf8(value)
+        return _string_key(tag, key, len(data)) + data
+    if isinstance(value, bool):
         any_value = ANY_BOOL + (b"\x01" if value else b"\x00")
     elif isinstance(value, int):
         any_value = ANY_INT + _varint(value & 0xFFFFFFFFFFFFFFFF)
@@ -239,6 +241,16 @@ def _key(key: str) -> bytes:
     return _field(KEY_VALUE_KEY, _utf8(key))
 
 
+@lru_cache(maxsize=1024)
+def _string_key(tag: bytes, key: str, size: int) -> bytes:
+    """A string ``KeyValue`` but its ``size`` value bytes: one per key and size (a
+    task id's is always 36)."""
+    any_value = ANY_STRING + _varint(size)
+    value = KEY_VALUE_VALUE + _varint(len(any_value) + size) + any_value
+    head = _key(key) + value
+    return tag + _varint(len(head) + size) + head
+
+
 @lru_cache(maxsize=256)
 def _double_key(tag: bytes, key: str) -> bytes:
     """A double ``KeyValue`` but its 8 value bytes, which have a fixed size."""
@@ -248,11 +260,18 @@ def _double_key(tag: bytes, key: str) -> bytes:
 
 def _field(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: key, varint length, payload."""
-    size = len(payload)
-    return tag + (bytes((size,)) if size < 0x80 else _varint(size)) + payload
+    return tag + _varint(len(payload)) + payload
+
+
+_BYTES = tuple(bytes((value,)) for value in range(0x80))
+"""Varints of one byte, made once: most lengths here are below 128."""
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _BYTES[value]
+    if value < 0x4000:  # a span's length, mostly
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
