@@ -239,15 +239,15 @@ class TaskTrace:
     kind = otlp.KIND_CONSUMER
     context = _Sampled
 
-    def __init__(self, uuid: str, trace_id: int, sampling: Sampling) -> None:
+    def __init__(self, uuid: str, trace_id: int, message_span_id: int, sampling: Sampling) -> None:
         self.uuid = uuid
         self.trace_id = trace_id
         self.sampling = sampling
         self.trace_state = sampling.trace_state
-        self.message_span_id = _span_id(uuid)
+        self.message_span_id = message_span_id
         self.parent_span_id = 0
         self.attempt = 0
-        self.span_id = _execution_span_id(self.message_span_id, 0)
+        self.span_id = _execution_span_id(message_span_id, 0)
         self.task_name: str | None = None
         self.queue: str | None = None
         self.hostname: str | None = None
@@ -385,13 +385,15 @@ class Spans:
     def _trace(self, event: Event) -> TaskTrace | None:
         """A trace state made from a task-sent or task-received, if its workflow is sampled."""
         uuid = event["uuid"]
+        value = _uuid_value(uuid)  # parsed once: most tasks are their workflow's root
         root_id = event.get("root_id")
-        if not isinstance(root_id, str) or not root_id:
-            root_id = uuid
-        trace_id = _trace_id(root_id)
+        if root_id == uuid or not isinstance(root_id, str) or not root_id:
+            trace_id = value or _hash128(uuid)
+        else:
+            trace_id = _trace_id(root_id)
         if not self.sampling.keeps(trace_id):
             return None
-        state = TaskTrace(uuid, trace_id, self.sampling)
+        state = TaskTrace(uuid, trace_id, _fold(uuid, value), self.sampling)
         name = event.get("name")
         if isinstance(name, str) and name:
             state.task_name = _cut(name)
@@ -423,8 +425,11 @@ class Spans:
 
     def _on_received(self, task: Task, event: Event) -> None:
         state = getattr(task, "trace", _UNBEGUN)
-        if state is _UNBEGUN:
+        if state is _UNBEGUN:  # the commonest case: named and counted by _trace
             state = self._begin(task, event)
+            if state is not None:
+                state.hostname = event["hostname"]
+            return
         if state is None:
             return
         if state.start:  # the next delivery (a retry's), while this execution runs
@@ -876,15 +881,21 @@ def _uuid_value(text: str) -> int:
 
 
 def _trace_id(root_id: str) -> int:
-    return _uuid_value(root_id) or int.from_bytes(
-        blake2b(_id_bytes(root_id), digest_size=16).digest()
-    )
+    return _uuid_value(root_id) or _hash128(root_id)
+
+
+def _hash128(text: str) -> int:
+    return int.from_bytes(blake2b(_id_bytes(text), digest_size=16).digest())
 
 
 def _span_id(task_id: str) -> int:
-    """The two halves of the uuid folded together: random for version 4 uuids, and
-    distinct for time-based ones, whose low half is the same for a whole host."""
-    value = _uuid_value(task_id)
+    return _fold(task_id, _uuid_value(task_id))
+
+
+def _fold(task_id: str, value: int) -> int:
+    """The task's span id from its uuid's ``value``: the two halves folded together,
+    random for version 4 uuids, and distinct for time-based ones, whose low half is
+    the same for a whole host."""
     return ((value >> 64) ^ (value & _MASK64) if value else _hash64(task_id)) or 1
 
 
