@@ -119,8 +119,9 @@ SUCCESS, FAILURE, RETRY, REJECTED, REVOKED, INTERRUPTED = (
     for state in ("SUCCESS", "FAILURE", "RETRY", "REJECTED", "REVOKED", "INTERRUPTED")
 )
 INCOMPLETE = ("celery.incomplete", True)
-_UNBEGUN = object()
-"""``Task.trace`` until the task's first sent or received event: absent."""
+_UNTRACED = False
+"""``Task.trace`` of a task whose workflow is not sampled, or whose last execution
+ended: falsy, as None (not seen yet) is, so that a hook tests ``not state`` once."""
 
 
 class _Sampled:
@@ -354,15 +355,15 @@ class Spans:
 
     def evicted(self, task: Task) -> None:
         """End a started execution where it started, marked incomplete, rather than leak it."""
-        state = getattr(task, "trace", None)
-        if state is not None and state.start:
-            task.trace = None
+        state = task.trace
+        if state and state.start:
+            task.trace = _UNTRACED
             self._emit(task, state, state.start, _FINE, INCOMPLETE)
 
     def interrupted(self, task: Task, hostname: str) -> None:
         """The worker running the task was lost: end its execution span with an error."""
-        state = getattr(task, "trace", None)
-        if state is not None and state.start:
+        state = task.trace
+        if state and state.start:
             state.error_type = "WorkerLost"
             status = (ERROR, _cut(f"worker lost: {hostname}"))
             self._emit(task, state, time.time_ns(), status, INTERRUPTED)
@@ -379,7 +380,8 @@ class Spans:
     def _begin(self, task: Task, event: Event) -> TaskTrace | None:
         """The task's trace state from its first task-sent or task-received, if its
         workflow is sampled; None for an unsampled one, or a late event of a finished task."""
-        state = task.trace = None if task.done else self._trace(event)
+        state = None if task.done else self._trace(event)
+        task.trace = state or _UNTRACED
         return state
 
     def _trace(self, event: Event) -> TaskTrace | None:
@@ -406,12 +408,12 @@ class Spans:
         return state
 
     def _on_sent(self, task: Task, event: Event) -> None:
-        state = getattr(task, "trace", _UNBEGUN)
-        if state is _UNBEGUN:
+        state = task.trace
+        if state is None:
             state = self._begin(task, event)
         elif event.get("retries"):
             return  # a retry's publish: its executions stay under the first publish
-        elif state is None:  # unsampled, or the task ended before its publish arrived:
+        elif state is _UNTRACED:  # unsampled, or ended before its publish arrived:
             state = self._trace(event)  # the publish goes beside the exported execution
         elif state.parent_span_id == state.message_span_id:
             return  # published already
@@ -424,13 +426,13 @@ class Spans:
             self.processor.on_end(publish)  # type: ignore[arg-type]  # see TaskTrace
 
     def _on_received(self, task: Task, event: Event) -> None:
-        state = getattr(task, "trace", _UNBEGUN)
-        if state is _UNBEGUN:  # the commonest case: named and counted by _trace
+        state = task.trace
+        if state is None:  # the commonest case: named and counted by _trace
             state = self._begin(task, event)
             if state is not None:
                 state.hostname = event["hostname"]
             return
-        if state is None:
+        if not state:
             return
         if state.start:  # the next delivery (a retry's), while this execution runs
             retries = event.get("retries")
@@ -443,8 +445,8 @@ class Spans:
         _count_retries(state, event)
 
     def _on_started(self, task: Task, event: Event) -> None:
-        state = getattr(task, "trace", None)
-        if state is None:
+        state = task.trace
+        if not state:
             return
         if state.start:  # the last execution has not ended: its task-retried may be late
             following = task.trace = self._next(state, retried=False)
@@ -461,8 +463,8 @@ class Spans:
                 self._queue_wait.put(key, wait, state.trace_id, state.span_id, timestamp)
 
     def _on_retried(self, task: Task, event: Event) -> None:
-        state = getattr(task, "trace", None)
-        if state is None:
+        state = task.trace
+        if not state:
             return
         # The worker sends task-retried when the pool reports the retry; by then the
         # retry's own delivery may have started: the retry ends the execution before,
@@ -479,32 +481,32 @@ class Spans:
             task.trace = self._next(state, retried=True)
 
     def _on_succeeded(self, task: Task, event: Event) -> None:
-        state = getattr(task, "trace", None)
-        if state is not None:  # the commonest end: _end, inlined
+        state = task.trace
+        if state:  # the commonest end: _end, inlined
             timestamp = event["timestamp"]
             if self._runtime is not None and state.start:
                 runtime, key = max(0.0, event["runtime"]), (task.name, task.queue)
                 self._runtime.put(key, runtime, state.trace_id, state.span_id, timestamp)
-            task.trace = None
+            task.trace = _UNTRACED
             state.hostname = event["hostname"]
             self._emit(task, state, _ns(timestamp), _FINE, SUCCESS)
 
     def _on_failed(self, task: Task, event: Event) -> None:
-        state = getattr(task, "trace", None)
-        if state is not None:
+        state = task.trace
+        if state:
             state.error = _exception(event)
             state.error_type = str(state.error[0][1])
             status = (ERROR, str(state.error[1][1]))
             self._end(task, state, event, status, FAILURE, final=True)
 
     def _on_rejected(self, task: Task, event: Event) -> None:
-        state = getattr(task, "trace", None)
-        if state is not None:
+        state = task.trace
+        if state:
             self._end(task, state, event, _FINE, REJECTED, final=True)
 
     def _on_revoked(self, task: Task, event: Event) -> None:
-        state = getattr(task, "trace", None)
-        if state is not None:
+        state = task.trace
+        if state:
             self._end(task, state, event, _FINE, REVOKED, final=True)
 
     # Ending an execution.
@@ -520,7 +522,7 @@ class Spans:
     ) -> None:
         """End an execution at the event; a final one ends the task's trace state."""
         if final:
-            task.trace = None
+            task.trace = _UNTRACED
         state.hostname = event["hostname"]
         self._emit(task, state, _ns(event["timestamp"]), status, outcome)
 

@@ -42,8 +42,8 @@ FINAL = frozenset({"task-succeeded", "task-failed", "task-rejected", "task-revok
 class Task:
     """One in-flight task: the fields later events refer back to.
 
-    ``trace`` belongs to the span hooks and is set only when traces are on,
-    so that an untraced task costs nothing more.
+    ``trace`` belongs to the span hooks (``exporter.telemetry.tracing``): None
+    until they see the task.
     """
 
     __slots__ = ("done", "eta", "name", "prefetched_on", "queue", "received", "running", "sent",
@@ -60,6 +60,7 @@ class Task:
         self.worker: str | None = None  # the worker it started on
         self.running: LabelValues | None = None  # (name, queue) while it runs
         self.done = False
+        self.trace: Any = None
 
 
 TaskHandler = Callable[[Task, Event], None]
