@@ -254,7 +254,7 @@ def _string_key(tag: bytes, key: str, size: int) -> bytes:
 @lru_cache(maxsize=256)
 def _double_key(tag: bytes, key: str) -> bytes:
     """A double ``KeyValue`` but its 8 value bytes, which have a fixed size."""
-    head = _field(KEY_VALUE_KEY, _utf8(key)) + KEY_VALUE_VALUE + bytes((1 + 8,)) + ANY_DOUBLE
+    head = _key(key) + KEY_VALUE_VALUE + _varint(1 + 8) + ANY_DOUBLE
     return tag + _varint(len(head) + 8) + head
 
 
