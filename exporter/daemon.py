@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 RECEIVER_STOP_SECONDS = 1.0
 """How long a stop waits for the receiver to close its connection (on AMQP that
 removes its queue at once; otherwise the broker drops it with the connection)."""
+YOUNG_COLLECTION_THRESHOLD = 20_000
+"""Objects allocated, net of those freed, before the collector's youngest pass (700 by
+default). Spans live until their batch is sent: at the default, each pass finds
+hundreds alive and walks them, 3 % of the CPU with traces on at 200,000 events/s.
+Few of the daemon's objects form cycles."""
 
 
 @dataclass
@@ -142,6 +147,7 @@ class Daemon:
         # Modules and wiring live as long as the process: frozen, they are left out of
         # the collector's full passes, which then visit only what the events create.
         gc.freeze()
+        gc.set_threshold(YOUNG_COLLECTION_THRESHOLD)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
