@@ -37,6 +37,8 @@ DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
 DEFAULT_TIMEOUT_MS = 10_000
 USER_AGENT = f"celery-events-exporter/{__version__}"
 _QUAD = struct.Struct("<Q")
+_TIMES = struct.Struct("<cQcQ")
+"""A span's start and end, each after its field's key."""
 _DOUBLE = struct.Struct("<d")
 
 # Protobuf wire types.
@@ -106,10 +108,11 @@ class Span(Protocol):
     status: tuple[int, str]
 
     def shared_key(self) -> Hashable:
-        """Equal for spans whose ``shared_attributes`` are equal."""
+        """Equal for spans whose name, kind and ``shared_attributes`` are equal."""
 
     def shared_attributes(self) -> Attributes:
-        """Attributes many spans share, encoded once per ``shared_key``."""
+        """Attributes many spans share, encoded with the name and kind once per
+        ``shared_key``."""
 
     def own_attributes(self) -> Attributes:
         """Attributes of this span alone."""
@@ -151,23 +154,19 @@ class Encoder:
             parts.append(_trace_state(span.trace_state))
         if span.parent_span_id:
             parts += (_PARENT8, span.parent_span_id.to_bytes(8, "big"))
-        parts += (
-            _name_and_kind(span.name, span.kind),
-            SPAN_START_TIME,
-            _QUAD.pack(span.start),
-            SPAN_END_TIME,
-            _QUAD.pack(span.end),
-        )
         shared = span.shared_key()
         encoded = self._shared.get(shared)
         if encoded is None:
             if len(self._shared) >= SHARED_CACHE_SIZE:
                 self._shared.clear()
-            encoded = self._shared[shared] = b"".join(
+            encoded = self._shared[shared] = _name_and_kind(span.name, span.kind) + b"".join(
                 [_key_value(SPAN_ATTRIBUTES, key, value) for key, value in span.shared_attributes()]
             )
-        parts.append(encoded)
-        parts += [_key_value(SPAN_ATTRIBUTES, key, value) for key, value in span.own_attributes()]
+        parts += (
+            _TIMES.pack(SPAN_START_TIME, span.start, SPAN_END_TIME, span.end),
+            encoded,
+            *[_key_value(SPAN_ATTRIBUTES, key, value) for key, value in span.own_attributes()],
+        )
         for at, name, attributes in span.events():
             head, tail = _event(name, attributes)
             parts += (head, _QUAD.pack(at), tail)
@@ -175,7 +174,6 @@ class Encoder:
         return b"".join(parts)
 
 
-@lru_cache(maxsize=1024)
 def _name_and_kind(name: str, kind: int) -> bytes:
     """The span's name and its kind: a task's publish is a producer's, its runs a consumer's."""
     return _field(SPAN_NAME, _utf8(name)) + SPAN_KIND + _varint(kind)

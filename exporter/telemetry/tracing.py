@@ -156,7 +156,6 @@ class Publish:
 
     __slots__ = (
         "end",
-        "name",
         "parent_span_id",
         "queue",
         "sampling",
@@ -177,11 +176,14 @@ class Publish:
         self.span_id = execution.message_span_id
         self.parent_span_id = parent_span_id
         self.task_name = execution.task_name
-        self.name = f"send {self.task_name}"
         self.queue = execution.queue
         self.sampling = execution.sampling
         self.trace_state = self.sampling.trace_state
         self.start = self.end = at
+
+    @property
+    def name(self) -> str:
+        return f"send {self.task_name}"
 
     def shared_key(self) -> tuple[object, ...]:
         return (otlp.KIND_PRODUCER, self.task_name, self.queue, self.sampling)
@@ -220,7 +222,6 @@ class TaskTrace:
         "error_type",
         "hostname",
         "message_span_id",
-        "name",
         "next_retries",
         "outcome",
         "parent_span_id",
@@ -259,7 +260,7 @@ class TaskTrace:
         self.error: Attributes = ()  # the exception this execution ended with
         self.error_type = ""
         self.pending: TaskTrace | None = None  # the last execution, until its end arrives
-        # end, name, status and outcome are set when the execution ends, by Spans._emit.
+        # end, status and outcome are set when the execution ends, by Spans._emit.
 
     def next_attempt(self, retried: bool) -> TaskTrace:
         """The record of the task's next execution: the same task, a new span."""
@@ -277,8 +278,14 @@ class TaskTrace:
         following.pending = None
         return following
 
+    @property
+    def name(self) -> str:
+        """Made when the span is encoded, on the export thread."""
+        return f"process {self.task_name}"
+
     def shared_key(self) -> tuple[object, ...]:
-        """What ``shared_attributes`` are made of: spans with equal keys share them."""
+        """What the name and ``shared_attributes`` are made of: spans with equal keys
+        share them."""
         return (
             self.queue,
             self.task_name,
@@ -557,7 +564,6 @@ class Spans:
         state.end = max(end, state.start)
         state.status, state.outcome = status, outcome
         state.task_name = state.task_name or task.name
-        state.name = f"process {state.task_name}"
         state.queue = state.queue or task.queue
         self.processor.on_end(state)  # type: ignore[arg-type]  # see TaskTrace
 
