@@ -866,6 +866,30 @@ def test_an_unusable_sampler_stops_the_start(
     assert result.stderr == f"celery-events-exporter: error: {message}\n"
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "lots"},
+            "otlp_traces: OTEL_BSP_MAX_QUEUE_SIZE: expected a positive integer, got 'lots'",
+        ),
+        (
+            {"OTEL_BSP_SCHEDULE_DELAY": "0"},
+            "otlp_traces: OTEL_BSP_SCHEDULE_DELAY: expected a positive integer, got '0'",
+        ),
+        (
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "200"},
+            "otlp_traces: OTEL_BSP_MAX_EXPORT_BATCH_SIZE (200) must not exceed "
+            "OTEL_BSP_MAX_QUEUE_SIZE (100)",
+        ),
+    ],
+)
+def test_unusable_batching_stops_the_start(env: dict[str, str], message: str) -> None:
+    result = _start([], env=env)
+    assert result.returncode == 2
+    assert result.stderr == f"celery-events-exporter: error: {message}\n"
+
+
 def test_exemplars_name_the_latest_execution_in_each_bucket_only_when_traced() -> None:
     metrics = Metrics()
     memory = InMemorySpanExporter()
