@@ -890,6 +890,48 @@ def test_unusable_batching_stops_the_start(env: dict[str, str], message: str) ->
     assert result.stderr == f"celery-events-exporter: error: {message}\n"
 
 
+class KeptBatches:
+    """A batch exporter that keeps what it is sent; a batch holding "bad" fails to encode."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[Any]] = []
+
+    def prepare(self, spans: list[Any]) -> list[Any]:
+        if "bad" in spans:
+            raise ValueError("unencodable")
+        return spans
+
+    def send(self, batch: list[Any], size: int) -> None:
+        assert len(batch) == size
+        self.sent.append(batch)
+
+    def stopping(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_the_span_queue_sends_full_batches_and_the_rest_after_the_delay() -> None:
+    metrics = Metrics()
+    exporter = KeptBatches()
+    queue = tracing.SpanQueue(
+        exporter,
+        tracing.SpanCounts(metrics.counter("celery_exporter_spans_total")),
+        schedule_delay_ms=100,
+        max_queue_size=8,
+        max_export_batch_size=4,
+    )
+    for span in range(6):
+        queue.on_end(span)
+    wait_for(lambda: exporter.sent == [[0, 1, 2, 3], [4, 5]], message=lambda: str(exporter.sent))
+    for span in ("bad", 6, 7, 8, 9):  # a batch that cannot be encoded costs itself only
+        queue.on_end(span)
+    queue.shutdown()
+    assert exporter.sent[2:] == [[9]]
+    assert metrics.counter("celery_exporter_spans_total").get(("dropped",)) == 4
+
+
 def test_exemplars_name_the_latest_execution_in_each_bucket_only_when_traced() -> None:
     metrics = Metrics()
     memory = InMemorySpanExporter()

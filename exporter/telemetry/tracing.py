@@ -785,8 +785,15 @@ class SpanQueue:
         with self._taking:
             popleft = self._spans.popleft
             batch = [popleft() for _ in range(min(count, len(self._spans)))]
-        if batch:
-            self._batches.append((self.exporter.prepare(batch), len(batch)))
+        if not batch:
+            return
+        try:
+            prepared = self.exporter.prepare(batch)
+        except Exception:  # a bug must cost one batch, counted, never the events
+            log.exception("could not encode %d spans", len(batch))
+            self.counts.add("dropped", len(batch))
+            return
+        self._batches.append((prepared, len(batch)))
 
     def _run(self) -> None:
         while not self._stopping:
