@@ -5,8 +5,8 @@ tens of microseconds a span, more than the rest of a task's events
 together. These spans have one shape (attributes, events, status, a
 parent, a trace state; no links), so they are written to the wire format
 directly, with the attributes that repeat (task names, queues, hosts,
-outcomes) encoded once. Only the standard library is used; ``tracing`` wraps this
-in an SDK ``SpanExporter``.
+outcomes) encoded once. Only the standard library is used; ``tracing``'s
+``HttpSpanExporter`` hands this the batches of its span queue.
 
 The destination follows the standard environment variables:
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (else ``OTEL_EXPORTER_OTLP_ENDPOINT``

@@ -275,7 +275,7 @@ class TaskTrace:
 
     @property
     def name(self) -> str:
-        """Made when the span is encoded, on the export thread."""
+        """Read only for a shared key the encoder has not met, and for SDK spans."""
         return f"process {self.task_name}"
 
     def shared_key(self) -> tuple[object, ...]:
