@@ -41,7 +41,9 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _integer(low: int, high: int | None = None) -> Parser:
+def integer(low: int, high: int | None = None) -> Parser:
+    """A parser of whole numbers from ``low`` to ``high``, for options and variables alike."""
+
     def parse(value: Any) -> int:
         try:
             number = int(value) if not isinstance(value, bool | float) else None
@@ -247,7 +249,7 @@ class Config:
         100_000,
         "In-flight tasks to remember; the least recently seen are evicted past it.",
         group=TASKS,
-        parse=_integer(1),
+        parse=integer(1),
         metavar="N",
     )
     default_queue: str = option(
@@ -336,7 +338,7 @@ class Config:
         "Distinct values per label (task name, hostname, queue, exception) before new "
         "ones are exported as 'other'.",
         group=METRICS,
-        parse=_integer(1),
+        parse=integer(1),
         metavar="N",
     )
     host: str = option("0.0.0.0", "Address to serve HTTP on.", group=HTTP, metavar="ADDRESS")
@@ -344,7 +346,7 @@ class Config:
         9808,
         "Port to serve HTTP on (0: any free port).",
         group=HTTP,
-        parse=_integer(0, 65535),
+        parse=integer(0, 65535),
         metavar="PORT",
     )
     web_config_file: str = option(
@@ -360,7 +362,7 @@ class Config:
         "Failures the overview page lists (task, worker, exception and traceback, never "
         "arguments or results); 0 turns the list off.",
         group=HTTP,
-        parse=_integer(0, 10_000),
+        parse=integer(0, 10_000),
         metavar="N",
     )
     otlp_traces: bool = option(

@@ -871,11 +871,11 @@ def test_an_unusable_sampler_stops_the_start(
     [
         (
             {"OTEL_BSP_MAX_QUEUE_SIZE": "lots"},
-            "otlp_traces: OTEL_BSP_MAX_QUEUE_SIZE: expected a positive integer, got 'lots'",
+            "otlp_traces: OTEL_BSP_MAX_QUEUE_SIZE: expected an integer of at least 1, got 'lots'",
         ),
         (
             {"OTEL_BSP_SCHEDULE_DELAY": "0"},
-            "otlp_traces: OTEL_BSP_SCHEDULE_DELAY: expected a positive integer, got '0'",
+            "otlp_traces: OTEL_BSP_SCHEDULE_DELAY: expected an integer of at least 1, got '0'",
         ),
         (
             {"OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "200"},

@@ -46,7 +46,7 @@ from hashlib import blake2b
 from typing import Any, Protocol
 
 from .. import __version__
-from ..config import ConfigError
+from ..config import ConfigError, integer
 from ..logs import Throttle
 from ..track.tracker import Event, Hook, Task, exception_class
 from . import otlp
@@ -844,7 +844,7 @@ def build(
     counts = SpanCounts(metrics.counter("celery_exporter_spans_total"))
     exporter = _span_exporter(environ, resource, scope, counts)
     delay, queue_size, batch_size = (
-        _positive(environ, variable, default) for variable, default in BATCH_SETTINGS
+        _batch_setting(environ, variable, default) for variable, default in BATCH_SETTINGS
     )
     if batch_size > queue_size:
         raise ConfigError(
@@ -861,17 +861,14 @@ def build(
     return Spans(processor, ratio, metrics)
 
 
-def _positive(environ: Mapping[str, str], variable: str, default: int) -> int:
+def _batch_setting(environ: Mapping[str, str], variable: str, default: int) -> int:
     text = environ.get(variable, "").strip()
     if not text:
         return default
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ConfigError(f"otlp_traces: {variable}: expected a positive integer, got {text!r}")
-    return value
+        return integer(1)(text)
+    except ValueError as exc:
+        raise ConfigError(f"otlp_traces: {variable}: {exc}") from None
 
 
 def sampler_ratio(environ: Mapping[str, str], option: float) -> float:
