@@ -760,14 +760,15 @@ class SpanQueue:
         self._thread.start()
 
     def queued(self) -> int:
-        """Spans waiting, as they are or prepared; an upper bound while both threads work."""
+        """Spans waiting, as they are or prepared (full batches counted whole): the
+        queue's bound."""
         return len(self._spans) + len(self._batches) * self._batch_size
 
     def on_end(self, span: Any) -> None:
-        spans = self._spans
-        if len(spans) + len(self._batches) * self._batch_size >= self._limit:
+        if self.queued() >= self._limit:
             self._drop()
             return
+        spans = self._spans
         spans.append(span)
         if len(spans) >= self._batch_size:
             self._prepare(self._batch_size)
