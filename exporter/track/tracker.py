@@ -42,7 +42,7 @@ FINAL = frozenset({"task-succeeded", "task-failed", "task-rejected", "task-revok
 class Task:
     """One in-flight task: the fields later events refer back to.
 
-    ``trace`` belongs to the span hooks (``exporter.telemetry.tracing``): None
+    ``trace`` belongs to the span hooks (``exporter.telemetry.span_hooks``): None
     until they see the task.
     """
 
@@ -70,7 +70,7 @@ Hook = TaskHandler
 
 
 class SpanHooks(Protocol):
-    """What the tracker calls when traces are on (``exporter.telemetry.tracing.Spans``)."""
+    """What the tracker calls when traces are on (``exporter.telemetry.span_hooks.Spans``)."""
 
     def hooks(self) -> Mapping[str, Hook]:
         """A hook per task event type, given the task's record and the event."""
