@@ -511,10 +511,14 @@ class Tracker:
             )
 
     def _on_retried(self, task: Task, event: Event) -> None:
-        self.unprefetch(task)
+        # The worker reports the retry once the pool hands it back, often after the
+        # retry's own delivery was received: that delivery stays waiting.
+        received, started = task.received, task.started
+        if received is None or started is None or received <= started:
+            self.unprefetch(task)
+            task.received = None
         if task.running is not None:
             self.stop_running(event["uuid"], task)
-        task.received = None
         hostname = self.label("hostname", event["hostname"])
         exception = self.label("exception", exception_class(event.get("exception")))
         self._retried.inc((task.name, hostname, task.queue, exception))
