@@ -234,8 +234,9 @@ def wait_for_rules(prometheus: Prometheus) -> None:
              f"recording rules not evaluated since {now}: {probe}")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["keep", "drop"])
 def live(
+    request: pytest.FixtureRequest,
     redis_server: RedisServer,
     module_worker_factory: WorkerFactory,
     tmp_path_factory: pytest.TempPathFactory,
@@ -247,8 +248,10 @@ def live(
     only when Prometheus has scraped both series, so it shows as an increase.
     """
     broker_url = redis_server.url_for(REDIS_DB)  # its own database: its own event channel
+    # Every dashboard and rule runs on task series with and without the worker (drop).
     exporter = ExporterProcess(["--broker-url", broker_url, "--worker-timeout", "3",
-                                "--queue-poll-interval", "1"])  # fmt: skip
+                                "--queue-poll-interval", "1",
+                                "--task-hostname-label", request.param])  # fmt: skip
     prometheus = None
     try:
         exporter.wait_serving()
