@@ -114,9 +114,9 @@ def test_drop_and_rewrite_sum_exactly_to_keep_on_real_workers(
         ("celery_task_succeeded_total", "tests.retry_then_succeed"): 1,
     }
     wait_for(
-        lambda: {key: keep.total(key[0], name=key[1]) for key in expected} == expected,
+        lambda: _totals(keep, expected) == expected,
         timeout=90,
-        message=lambda: f"keep: {({k: keep.total(k[0], name=k[1]) for k in expected})}",
+        message=lambda: f"keep: {_totals(keep, expected)}",
     )
     summed = _without_hostname(_task_samples(keep))
     wait_for(lambda: _task_samples(drop) == summed, timeout=30,
@@ -129,6 +129,10 @@ def test_drop_and_rewrite_sum_exactly_to_keep_on_real_workers(
     assert len({dict(labels)["hostname"] for _, labels in _task_samples(keep)}) > 1
     for exporter in (drop, rewrite):  # worker families keep the pods' own names
         assert [exporter.sample("celery_worker_up", {"hostname": pod}) for pod in PODS] == [1] * 3
+
+
+def _totals(exporter: InProcessExporter, expected: dict) -> dict[tuple[str, str], float]:
+    return {(metric, name): exporter.total(metric, name=name) for metric, name in expected}
 
 
 def _rules(*texts: str) -> tuple[Any, ...]:

@@ -846,7 +846,9 @@ def test_two_brokers_render_a_deployment_each_with_its_secret_and_label(chart: A
         assert ref == {"name": secret, "key": key}
         volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
         assert volumes["config"]["configMap"]["name"] == f"{FULLNAME}-{name}"
-        settings = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-{name}")["data"]["config.yaml"])
+        settings = yaml.safe_load(
+            one(docs, "ConfigMap", f"{FULLNAME}-{name}")["data"]["config.yaml"]
+        )
         assert settings["static_labels"] == {"cluster": "eu", "broker": name}
         assert settings["log_format"] == "json"
     billing = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-billing")["data"]["config.yaml"])
@@ -854,7 +856,9 @@ def test_two_brokers_render_a_deployment_each_with_its_secret_and_label(chart: A
     secret = one(docs, "Secret", f"{FULLNAME}-orders-broker")
     assert base64.b64decode(secret["data"]["broker-url"]).decode() == FAKE_BROKER_URL
     selector = one(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
-    assert "celery-events-exporter/broker" not in selector and selector == service["spec"]["selector"]
+    assert (
+        "celery-events-exporter/broker" not in selector and selector == service["spec"]["selector"]
+    )
 
 
 def test_two_brokers_lint_clean_and_render_valid_manifests(chart: Any, tmp_path: Path) -> None:

@@ -160,7 +160,9 @@ METRICS: tuple[MetricSpec, ...] = (
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
 
 TASK_HOST_FAMILIES = tuple(
-    spec.name for spec in METRICS if spec.name.startswith("celery_task_") and "hostname" in spec.labels
+    spec.name
+    for spec in METRICS
+    if spec.name.startswith("celery_task_") and "hostname" in spec.labels
 )
 """Task families labelled by worker (always their second label): what --task-hostname-label
 and --task-hostname-rewrite change."""
