@@ -817,13 +817,14 @@ def test_the_rendered_config_starts_the_daemon(chart: Any, scenario: str, tmp_pa
 # ---------------------------------------------------------------- several brokers
 
 TWO_BROKERS: dict[str, Any] = {
-    "config": {"static_labels": {"cluster": "eu"}, "log_format": "json"},
+    "config": {"static_labels": {"cluster": "eu"}, "log_format": "json", "enable_events": True},
     "serviceMonitor": {"enabled": True},
     "prometheusRule": {"enabled": True},
     "brokers": [
         {"name": "orders", "url": FAKE_BROKER_URL},
         {"name": "billing", "existingSecret": "billing-broker", "existingSecretKey": "url",
-         "config": {"queues": ["invoices"], "task_hostname_label": "drop"}},
+         "config": {"queues": ["invoices"], "task_hostname_label": "drop",
+                    "enable_events": False}},
     ],
 }  # fmt: skip
 
@@ -853,6 +854,7 @@ def test_two_brokers_render_a_deployment_each_with_its_secret_and_label(chart: A
         assert settings["log_format"] == "json"
     billing = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-billing")["data"]["config.yaml"])
     assert (billing["queues"], billing["task_hostname_label"]) == (["invoices"], "drop")
+    assert billing["enable_events"] is False  # a broker's own keys win, false included
     secret = one(docs, "Secret", f"{FULLNAME}-orders-broker")
     assert base64.b64decode(secret["data"]["broker-url"]).decode() == FAKE_BROKER_URL
     selector = one(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]

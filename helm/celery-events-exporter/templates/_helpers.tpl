@@ -139,11 +139,12 @@ Sanity checks that a JSON schema cannot express well.
 
 {{/*
 The values of each exporter to run, as a YAML list: one per entry of brokers
-(its own broker, its config over the shared one with the static label
-broker=<name>, and exporterName), or the chart's values as they are when
-brokers is empty. A template ranges over them with a root context of its own, so it reads one exporter's settings
-the same way in both cases (dict "Values" it "Release" $.Release "Chart" $.Chart
-"Capabilities" $.Capabilities). Two brokers of the same name fail the rendering.
+(its own broker; its config over the shared one, key by key, with the static
+label broker=<name>; and exporterName), or the chart's values as they are
+when brokers is empty. A template ranges over them with a root context of its
+own (dict "Values" it "Release" $.Release "Chart" $.Chart "Capabilities"
+$.Capabilities), so it reads one exporter's settings the same way in both
+cases. Two brokers of the same name fail the rendering.
 */}}
 {{- define "celery-events-exporter.exporters" -}}
 {{- if and .Values.brokers (or .Values.broker.url .Values.broker.existingSecret) }}
@@ -157,7 +158,10 @@ the same way in both cases (dict "Values" it "Release" $.Release "Chart" $.Chart
 {{- end }}
 {{- $_ := set $seen .name true }}
 {{- $values := deepCopy $.Values }}
-{{- $config := mergeOverwrite (deepCopy ($.Values.config | default dict)) (deepCopy (.config | default dict)) }}
+{{- $config := deepCopy ($.Values.config | default dict) }}
+{{- range $key, $value := .config }}
+{{- $_ := set $config $key $value }}
+{{- end }}
 {{- $_ := set $config "static_labels" (mergeOverwrite (deepCopy ($config.static_labels | default dict)) (dict "broker" .name)) }}
 {{- $_ := set $values "config" $config }}
 {{- $_ := set $values "broker" (dict "url" (.url | default "") "existingSecret" (.existingSecret | default "") "existingSecretKey" (.existingSecretKey | default "broker-url")) }}
