@@ -11,7 +11,8 @@ of their own, drives them with ``bench.publisher`` and measures them from ``/pro
 * ``/metrics`` render time with a series for every worker x task name;
 * CPU per event with ``--otlp-traces`` on, posting to ``bench.sink``, over
   the same traffic, as a ratio to the untraced run (the traffic has no
-  ``task-sent``, so spans start at ``task-received``).
+  ``task-sent``, so spans start at ``task-received``);
+* where an event's CPU goes, stage by stage, in this process (``bench.split``).
 
 On RabbitMQ (``--broker rabbitmq``, or ``all``) the CPU per event and the
 zero-loss ladder are measured the same way, against the RabbitMQ targets.
@@ -41,6 +42,7 @@ from typing import Any
 from tests.harness import ExporterProcess, parse, scrape
 from tests.servers import RabbitMQServer, RedisServer, wait_for
 
+from . import split
 from .sink import TraceSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -688,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.broker in ("rabbitmq", "all"):
         sizes = QUICK if quick else RABBITMQ_FULL
         result["rabbitmq"] = {"sizes": asdict(sizes), **rabbitmq_figures(sizes, runs, quick)}
+    result["split"] = split.figures(5_000 if quick else 200_000)
     result["runs"] = runs
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
@@ -701,4 +704,5 @@ def main(argv: list[str] | None = None) -> int:
         if figures:
             print(f"{name}:\n\n{table(figures)}\n")
             met += [f["met"] for f in figures.values()]
+    print(f"Where an event's CPU goes (python -m bench.split):\n\n{split.table(result['split'])}\n")
     return 0 if quick or all(met) else 1

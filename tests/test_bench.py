@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.run import LABELS, RABBITMQ_TARGETS, TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,3 +86,14 @@ def test_quick_bench_counts_every_event_and_writes_its_figures(tmp_path: Path) -
         if r["subject"] == "exporter":
             assert r["counted"] == r["published"]["events"], r
     assert "RabbitMQ:" in run.stdout
+
+    # Where the CPU goes, stage by stage, for each broker and batching.
+    assert set(result["split"]) == {
+        f"{broker}_{mode}" for broker in ("redis", "rabbitmq") for mode in ("unbatched", "batched")
+    }
+    for stages in result["split"].values():
+        assert set(stages) == {"receive", "decode", "check", "track", "total"}
+        assert all(value > 0 for value in stages.values()), stages
+        parts = sum(stages[stage] for stage in ("receive", "decode", "check", "track"))
+        assert stages["total"] == pytest.approx(parts, abs=0.05)
+    assert "| µs an event, in process | receive | decode | check | track | total |" in run.stdout
