@@ -21,6 +21,7 @@ from .probes.inspection import Inspector
 from .probes.periodic import Periodic
 from .probes.queues import QueuePoller
 from .telemetry.exposition import Registry
+from .telemetry.flower import FlowerMetrics
 from .telemetry.metrics import Metrics
 from .track.pipeline import UNPROCESSABLE, Pipeline
 from .track.tracker import SpanHooks, Tracker
@@ -59,6 +60,7 @@ class Daemon:
             runtime_buckets=config.runtime_buckets,
             wait_buckets=config.wait_buckets,
             static_labels=config.static_labels,
+            flower_metrics=config.flower_metrics,
         )
         metrics.gauge("celery_exporter_build_info").set((__version__,), 1)
         for reason in (*REASONS, UNPROCESSABLE, PROTOCOL):
@@ -79,6 +81,9 @@ class Daemon:
             max_label_values=config.max_label_values,
             spans=_spans(config, metrics),
             on_failure=failures.record if failures else None,
+            flower=FlowerMetrics(metrics, config.max_tracked_tasks)
+            if config.flower_metrics
+            else None,
         )
         history = History(metrics, health)
         pipeline = Pipeline(tracker, health, metrics, on_tick=history.sample)

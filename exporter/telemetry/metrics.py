@@ -35,6 +35,12 @@ DEFAULT_RUNTIME_BUCKETS = (
 DEFAULT_WAIT_BUCKETS = DEFAULT_RUNTIME_BUCKETS
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+FLOWER_RUNTIME_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+"""Flower's default ``--task_runtime_metric_buckets`` (prometheus_client's defaults)."""
+FLOWER = "flower_"
+"""The prefix of Flower's families, served only with ``--flower-metrics``."""
 
 TASK = ("name", "hostname", "queue")
 TASK_EXC = ("name", "hostname", "queue", "exception")
@@ -154,6 +160,25 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("celery_exporter_spans_total", COUNTER,
                "Spans exported, dropped (queue full, collector refused or unreachable) "
                "or retried, with --otlp-traces.", ("outcome",)),
+    # Flower 2.x's families under Flower's names and labels, with --flower-metrics only.
+    MetricSpec("flower_events_total", COUNTER,
+               "Task events, by worker (the client's hostname for task-sent), type and task "
+               "name, as Flower counts them.", ("worker", "type", "task")),
+    MetricSpec("flower_task_runtime_seconds", HISTOGRAM,
+               "Run time of succeeded tasks as the worker reports it, in Flower's buckets.",
+               ("worker", "task")),
+    MetricSpec("flower_task_prefetch_time_seconds", GAUGE,
+               "task-received to task-started of the last task of the name to start there, "
+               "0 once it finished (tasks without an ETA), as Flower sets it.",
+               ("worker", "task")),
+    MetricSpec("flower_worker_prefetched_tasks", GAUGE,
+               "Tasks without an ETA received and not yet started, as Flower counts them.",
+               ("worker", "task")),
+    MetricSpec("flower_worker_online", GAUGE,
+               "1 from the worker's last worker-online or heartbeat, 0 from worker-offline.",
+               ("worker",)),
+    MetricSpec("flower_worker_number_of_currently_executing_tasks", GAUGE,
+               "Tasks executing on the worker, from its last heartbeat.", ("worker",)),
 )  # fmt: skip
 
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
@@ -268,6 +293,7 @@ class Metrics(Collector):
         runtime_buckets: Sequence[float] = DEFAULT_RUNTIME_BUCKETS,
         wait_buckets: Sequence[float] = DEFAULT_WAIT_BUCKETS,
         static_labels: Mapping[str, str] | None = None,
+        flower_metrics: bool = False,
     ) -> None:
         buckets = {
             "celery_task_runtime_seconds": runtime_buckets,
@@ -277,12 +303,15 @@ class Metrics(Collector):
             "celery_exporter_event_lag_seconds": LAG_BUCKETS,
             "celery_exporter_queue_probe_duration_seconds": PROBE_BUCKETS,
             "celery_exporter_inspect_duration_seconds": PROBE_BUCKETS,
+            "flower_task_runtime_seconds": FLOWER_RUNTIME_BUCKETS,
         }
         self.static_labels = dict(static_labels or {})
         self.families: dict[str, Family] = {}
         self.exemplars: dict[str, Exemplars] = {}
         """Per histogram, when something (traces) records exemplars for it."""
         for spec in METRICS:
+            if spec.name.startswith(FLOWER) and not flower_metrics:
+                continue  # absent, not empty, when off
             if spec.kind == HISTOGRAM:
                 self.families[spec.name] = Histogram(spec, buckets[spec.name])
             elif spec.kind == GAUGE:
