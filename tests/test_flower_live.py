@@ -17,10 +17,10 @@ import pytest
 
 from tests.celery_app import make_app
 from tests.flower_process import Family, FlowerProcess, flower_families
-from tests.harness import InProcessExporter, scrape
+from tests.harness import InProcessExporter, connected_exporter, scrape
 from tests.servers import wait_for
 
-SLEEP_SECONDS = 10
+SLEEP_SECONDS = 15
 """Long enough for heartbeats to report both pool slots busy."""
 FINISHED = {"task-succeeded": 8, "task-failed": 3, "task-retried": 1, "task-rejected": 1}
 """5 adds (one with an ETA), 2 sleeps and the retried task succeed; 2 fails and the
@@ -52,12 +52,7 @@ def _close(left: dict[Any, float], right: dict[Any, float]) -> bool:
 
 @pytest.fixture
 def flower_metrics_exporter(broker: Any) -> Any:
-    running = InProcessExporter(["--broker-url", broker.url, "--flower-metrics"])
-    wait_for(
-        lambda: running.sample("celery_exporter_broker_connected") == 1,
-        timeout=30,
-        message="exporter never connected",
-    )
+    running = connected_exporter(["--broker-url", broker.url, "--flower-metrics"], timeout=30)
     yield running
     running.stop()
 
