@@ -9,6 +9,9 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Self
 
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import GroupGuard, free_port, reap_group, wait_for
@@ -75,13 +78,14 @@ class FlowerProcess:
         self._guard = self._log = None
 
 
-def flower_families(text: str) -> dict[str, Family]:
+def flower_families(text: str, openmetrics: bool = False) -> dict[str, Family]:
     """The ``flower_*`` families of an exposition text, by name (counters without ``_total``)."""
+    parse = openmetrics_families if openmetrics else text_string_to_metric_families
     return {
         family.name: (
             family.type,
             {(s.name, frozenset(s.labels.items())): s.value for s in family.samples},
         )
-        for family in text_string_to_metric_families(text)
+        for family in parse(text)
         if family.name.startswith("flower_")
     }

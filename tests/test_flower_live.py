@@ -9,6 +9,7 @@ exporter with the same name, type and label names, and the same values.
 from __future__ import annotations
 
 import math
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,12 @@ def test_flower_and_the_exporter_serve_the_same_flower_families(
 
         wait_for(settled, timeout=120, interval=0.5, message=lambda: f"flower, exporter: {both()}")
         theirs, ours = both()
+        # What asks for OpenMetrics, as Datadog's check does, reads the same.
+        request = urllib.request.Request(
+            exporter.url + "/metrics", headers={"Accept": "application/openmetrics-text"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert flower_families(response.read().decode(), openmetrics=True) == ours
     finally:
         flower.stop()
 
