@@ -72,6 +72,7 @@ class Daemon:
         registry.register(PlatformCollector(registry=None))
         health = Health(metrics, config.masked_broker_url())
         failures = FailureRing(config.recent_failures) if config.recent_failures else None
+        flower = FlowerMetrics(metrics, config.max_tracked_tasks) if config.flower_metrics else None
         tracker = Tracker(
             metrics,
             max_tracked_tasks=config.max_tracked_tasks,
@@ -81,9 +82,7 @@ class Daemon:
             max_label_values=config.max_label_values,
             spans=_spans(config, metrics),
             on_failure=failures.record if failures else None,
-            flower=FlowerMetrics(metrics, config.max_tracked_tasks)
-            if config.flower_metrics
-            else None,
+            flower=flower,
         )
         history = History(metrics, health)
         pipeline = Pipeline(tracker, health, metrics, on_tick=history.sample)
