@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from . import __version__
 from .broker.amqp_reader import PROTOCOL
-from .broker.receiver import Receiver, receiver_class
+from .broker.receiver import Receiver
+from .broker.transport import receiver_class
 from .config import Config
 from .decode import REASONS
 from .health import Health

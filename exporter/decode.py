@@ -126,9 +126,9 @@ def unwrap_redis_envelope(data: bytes) -> tuple[bytes, str]:
         raise InvalidMessage(MALFORMED, f"not a kombu envelope: {exc!r}") from None
 
 
-def decode_body(body: bytes, content_type: str | None) -> list[Any]:
+def decode_body(body: bytes, content_type: str | None, limit: int = MAX_BODY_BYTES) -> list[Any]:
     """The events in a message body: a list for ``task.multi``, else one event."""
-    if len(body) > MAX_BODY_BYTES:
+    if len(body) > limit:
         raise InvalidMessage(TOO_LARGE, f"{len(body)} bytes")
     loader = LOADERS.get(content_type or "")
     if loader is None:

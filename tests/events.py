@@ -99,11 +99,13 @@ def heartbeat(
     active: int = 0,
     processed: int = 0,
     kind: str = "worker-heartbeat",
+    pid: int = 100,
 ) -> dict:
     return event(
         kind,
         timestamp,
         hostname,
+        pid=pid,
         freq=2.0,
         sw_ident="py-celery",
         sw_ver="5.7.0",

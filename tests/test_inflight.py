@@ -126,8 +126,17 @@ def test_a_lost_worker_interrupts_its_running_tasks_and_frees_its_prefetched(
     scene.tracker.tick(125.0)
     assert scene.value("celery_task_running", **ADD) == 3
     assert scene.value("celery_worker_tasks_prefetched", **W1) == 1
+    scene.tracker.tick(131.0)
+    # Down, but maybe only paused: nothing is interrupted for another worker_timeout.
+    assert scene.value("celery_worker_up", **W1) == 0
+    assert scene.value("celery_task_interrupted_total", **ADD, **W1) is None
+    assert scene.value("celery_task_running", **ADD) == 3
+    assert scene.value("celery_worker_tasks_prefetched", **W1) == 1
+    scene.feed(heartbeat("celery@w2", 150.0), arrival=150.0)
+    scene.tracker.tick(160.0)
+    assert scene.value("celery_task_interrupted_total", **ADD, **W1) is None
     with caplog.at_level(logging.WARNING, logger="exporter.track.tracker"):
-        scene.tracker.tick(131.0)
+        scene.tracker.tick(161.0)
     assert scene.value("celery_worker_up", **W1) == 0
     assert scene.value("celery_task_interrupted_total", **ADD, **W1) == 2
     assert scene.value("celery_task_interrupted_total", hostname="celery@w2", **ADD) is None
@@ -136,10 +145,11 @@ def test_a_lost_worker_interrupts_its_running_tasks_and_frees_its_prefetched(
     [line] = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
     assert "celery@w1" in line and "2 tasks" in line and "a, b" in line
     # A later tick counts nothing again; a redelivery elsewhere is applied normally.
-    scene.tracker.tick(140.0)
-    run(scene, "a", 141.0, hostname="celery@w2")
-    scene.feed(succeeded("a", 142.0, 1.0, hostname="celery@w2"), arrival=142.0)
-    scene.tracker.tick(143.0)
+    scene.feed(heartbeat("celery@w2", 170.0), arrival=170.0)
+    scene.tracker.tick(170.0)
+    run(scene, "a", 171.0, hostname="celery@w2")
+    scene.feed(succeeded("a", 172.0, 1.0, hostname="celery@w2"), arrival=172.0)
+    scene.tracker.tick(173.0)
     assert scene.value("celery_task_interrupted_total", **ADD, **W1) == 2
     assert scene.value("celery_task_succeeded_total", hostname="celery@w2", **ADD) == 1
     assert scene.value("celery_task_running", **ADD) == 1

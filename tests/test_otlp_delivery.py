@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from exporter.telemetry import tracing
 from exporter.telemetry.metrics import Metrics
+from exporter.telemetry.spans import MAX_STACKTRACE_LENGTH
 from tests.events import event, received, sent, started, succeeded
 from tests.servers import wait_for
 from tests.test_tracing import OtlpReceiver, traced_tracker
@@ -131,7 +132,7 @@ def test_a_refused_batch_is_dropped_counted_and_logged_once(
 ) -> None:
     scene = Scene(collector)
     collector.answers.extend([refuse(400), refuse(400)])
-    with caplog.at_level(logging.WARNING, logger="exporter.telemetry.tracing"):
+    with caplog.at_level(logging.WARNING, logger="exporter.telemetry.delivery"):
         scene.run_tasks(3)
         wait_for(lambda: collector.answered == 1, timeout=10, message="no request")
         wait_for(lambda: scene.counts()["dropped"] == 6, timeout=10, message="not counted")
@@ -151,7 +152,7 @@ def test_a_partial_success_counts_the_rejected_spans_as_dropped(
         partial_success=ExportTracePartialSuccess(rejected_spans=1, error_message="too old")
     )
     scene = Scene(collector)
-    with caplog.at_level(logging.WARNING, logger="exporter.telemetry.tracing"):
+    with caplog.at_level(logging.WARNING, logger="exporter.telemetry.delivery"):
         scene.run_tasks(2)
         _delivered(collector, 4)
         scene.spans.close()
@@ -230,7 +231,7 @@ def test_binary_junk_huge_tracebacks_and_control_characters_are_cut_or_replaced(
     assert failure.attributes["error.type"] == "ValueError"
     ((_, _, exception),) = failure.events
     stack = exception["exception.stacktrace"]
-    assert len(stack) == tracing.MAX_STACKTRACE_LENGTH
+    assert len(stack) == MAX_STACKTRACE_LENGTH
     assert stack.startswith("Traceback (most recent call last):")
     assert stack.endswith("ValueError: x")
     assert ("process app.add", 5) in spans

@@ -35,7 +35,17 @@ from prometheus_client.openmetrics.parser import (
 
 from exporter import __version__
 from exporter.telemetry import otlp, tracing
+from exporter.telemetry.delivery import (
+    ReadableSpanExporter,
+    SpanCounts,
+    SpanQueue,
+    origin,
+    readable_span,
+)
 from exporter.telemetry.metrics import Metrics
+from exporter.telemetry.sampling import Sampling, sampler_ratio, task_span_id
+from exporter.telemetry.span_hooks import Spans
+from exporter.telemetry.spans import TaskTrace
 from exporter.track.tracker import Tracker
 from tests.celery_app import make_app
 from tests.events import event, failed, received, sent, started, succeeded
@@ -392,9 +402,7 @@ def test_without_sent_events_executions_stand_alone(
     assert runs[0].attributes["celery.queue_wait_seconds"] >= 0
 
 
-def traced_tracker(
-    metrics: Metrics, spans: tracing.Spans | None, max_tracked_tasks: int = 100
-) -> Tracker:
+def traced_tracker(metrics: Metrics, spans: Spans | None, max_tracked_tasks: int = 100) -> Tracker:
     """A tracker whose span hooks are ``spans``."""
     return Tracker(
         metrics,
@@ -411,8 +419,8 @@ def _scene(
     max_tracked_tasks: int = 100, ratio: float = 1.0
 ) -> tuple[Tracker, InMemorySpanExporter]:
     memory = InMemorySpanExporter()
-    exporter = tracing.ReadableSpanExporter(memory, *tracing.origin())
-    spans = tracing.Spans(SimpleSpanProcessor(exporter), ratio)
+    exporter = ReadableSpanExporter(memory, *origin())
+    spans = Spans(SimpleSpanProcessor(exporter), ratio)
     return traced_tracker(Metrics(), spans, max_tracked_tasks), memory
 
 
@@ -474,7 +482,7 @@ def test_retries_are_sibling_executions_under_one_publish() -> None:
     (publish,), (first, second) = _by_kind(memory)
     assert (publish.start_time, publish.end_time) == (10_000_000_000, 10_000_000_000)
     assert publish.parent is None
-    assert publish.context.span_id == tracing._span_id(task)
+    assert publish.context.span_id == task_span_id(task)
     assert first.parent.span_id == second.parent.span_id == publish.context.span_id
     assert len({publish.context.span_id, first.context.span_id, second.context.span_id}) == 3
     assert (first.start_time, first.end_time) == (10_500_000_000, 11_000_000_000)
@@ -647,14 +655,14 @@ def test_sampling_keeps_or_drops_whole_workflows_the_same_everywhere() -> None:
     ],
 )
 def test_the_standard_sampler_variables(environ: dict, option: float, ratio: float) -> None:
-    assert tracing.sampler_ratio(environ, option) == ratio
+    assert sampler_ratio(environ, option) == ratio
 
 
 class _Recorder(SpanExporter):
     """Keeps the finished traces as the span processor hands them over."""
 
     def __init__(self) -> None:
-        self.traces: list[tracing.TaskTrace] = []
+        self.traces: list[TaskTrace] = []
 
     def export(self, spans: Any) -> SpanExportResult:
         self.traces.extend(spans)
@@ -663,8 +671,8 @@ class _Recorder(SpanExporter):
 
 def test_the_wire_encoding_is_what_the_sdk_encoder_produces() -> None:
     recorder = _Recorder()
-    tracker = traced_tracker(Metrics(), tracing.Spans(SimpleSpanProcessor(recorder), 0.5))
-    sampling = tracing.Sampling(0.5)
+    tracker = traced_tracker(Metrics(), Spans(SimpleSpanProcessor(recorder), 0.5))
+    sampling = Sampling(0.5)
     a = next(i for i in iter(lambda: str(uuid.uuid4()), "") if sampling.keeps(uuid.UUID(i).int))
     b = str(uuid.uuid4())
     _feed(
@@ -683,8 +691,8 @@ def test_the_wire_encoding_is_what_the_sdk_encoder_produces() -> None:
     traces = recorder.traces
     assert [trace.kind for trace in traces] == [4, 5, 4, 5, 5]
     assert {trace.trace_state for trace in traces} == {"ot=th:8"}
-    resource, scope = tracing.origin()
-    expected = encode_spans([tracing.readable_span(trace, resource, scope) for trace in traces])
+    resource, scope = origin()
+    expected = encode_spans([readable_span(trace, resource, scope) for trace in traces])
     for resource_spans in expected.resource_spans:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
@@ -750,7 +758,7 @@ def test_batches_share_a_connection_and_one_the_collector_closed_loses_nothing(
     collector: OtlpReceiver,
 ) -> None:
     sender = otlp.HttpSender({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.endpoint})
-    resource, scope = tracing.origin()
+    resource, scope = origin()
     body = otlp.Encoder(resource.attributes, scope.name, scope.version).encode([])
     sender.send(body)
     sender.send(body)
@@ -915,9 +923,9 @@ class KeptBatches:
 def test_the_span_queue_sends_full_batches_and_the_rest_after_the_delay() -> None:
     metrics = Metrics()
     exporter = KeptBatches()
-    queue = tracing.SpanQueue(
+    queue = SpanQueue(
         exporter,
-        tracing.SpanCounts(metrics.counter("celery_exporter_spans_total")),
+        SpanCounts(metrics.counter("celery_exporter_spans_total")),
         schedule_delay_ms=100,
         max_queue_size=8,
         max_export_batch_size=4,
@@ -935,8 +943,8 @@ def test_the_span_queue_sends_full_batches_and_the_rest_after_the_delay() -> Non
 def test_exemplars_name_the_latest_execution_in_each_bucket_only_when_traced() -> None:
     metrics = Metrics()
     memory = InMemorySpanExporter()
-    exporter = tracing.ReadableSpanExporter(memory, *tracing.origin())
-    tracker = traced_tracker(metrics, tracing.Spans(SimpleSpanProcessor(exporter), 1.0, metrics))
+    exporter = ReadableSpanExporter(memory, *origin())
+    tracker = traced_tracker(metrics, Spans(SimpleSpanProcessor(exporter), 1.0, metrics))
     untraced = traced_tracker(Metrics(), None)
     a, b, c = _ids(3)
     for task, at, runtime in ((a, 10.0, 0.7), (b, 20.0, 0.8), (c, 30.0, 7.0)):

@@ -4,7 +4,7 @@
 exchange through kombu, the way Celery's own ``EventReceiver`` declares its
 queue, and works for every broker kombu can fan out on. Redis gets a leaner
 subscriber in ``redis_pubsub``, RabbitMQ a leaner consumer in ``amqp_reader``,
-both behind the same loop; ``receiver_class`` picks one for a broker URL.
+both behind the same loop; ``transport.receiver_class`` picks one for a broker URL.
 """
 
 from __future__ import annotations
@@ -211,14 +211,3 @@ class KombuReceiver(Receiver):
 
     def _on_message(self, message: Message) -> None:
         self.sink.on_body(message.body, message.content_type, time.time())
-
-
-def receiver_class(broker_url: str) -> type[Receiver]:
-    """The leanest receiver for the broker URL's transport."""
-    from . import amqp_reader, redis_pubsub  # both build on this module
-
-    if redis_pubsub.handles(broker_url):
-        return redis_pubsub.RedisReceiver
-    if amqp_reader.handles(broker_url):
-        return amqp_reader.AMQPReceiver
-    return KombuReceiver

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from ..broker.receiver import receiver_class
+from ..broker.transport import receiver_class
 from ..config import Config
 from ..health import Health
 from ..telemetry.metrics import Metrics

@@ -1,4 +1,5 @@
-"""Worker capacity from Celery's ``inspect`` commands: pool sizes, prefetch limits, queues.
+"""Worker capacity and work from Celery's ``inspect`` commands: pool sizes, prefetch
+limits, queues, and the tasks each worker runs and holds.
 
 Heartbeats tell how many tasks a worker runs, not how many it could, and on
 Redis the broker cannot tell who consumes a queue. So every
@@ -6,7 +7,10 @@ Redis the broker cannot tell who consumes a queue. So every
 ``active_queues`` are broadcast (what ``celery inspect stats`` and
 ``celery inspect active_queues`` send) and replies are collected for up to
 ``--inspect-timeout`` seconds; a round ends early once every worker whose
-heartbeats arrive has answered both. A scrape only reads the gauges.
+heartbeats arrive has answered every command. A scrape only reads the gauges.
+The same round asks for ``active``, ``reserved`` and ``scheduled``, and hands
+what the workers run and hold to the tracker, which sets its task table right
+by them (``exporter.track.reconcile``) on its own thread.
 
 Replies are untrusted like events: only JSON and msgpack are read, refused
 ones are counted, hostnames and queue names go through the tracker's label
@@ -42,7 +46,9 @@ from ..decode import (
     decode_body,
 )
 from ..telemetry.metrics import Gauge, Metrics
+from ..track import reconcile
 from ..track.labels import OTHER
+from ..track.reconcile import InFlight, Reconciliation, WorkerView
 from ..track.tracker import Tracker
 from .control import ControlClient
 from .periodic import Periodic
@@ -50,7 +56,9 @@ from .periodic import Periodic
 log = logging.getLogger(__name__)
 
 STATS, ACTIVE_QUEUES = "stats", "active_queues"
-COMMANDS = (STATS, ACTIVE_QUEUES)
+COMMANDS = (STATS, ACTIVE_QUEUES, *reconcile.COMMANDS)
+MAX_REPLY_BYTES = 16 << 20
+"""A reply lists a worker's tasks with their arguments: larger than any event may be."""
 BROKER, TIMEOUT = "broker", "timeout"
 """Reasons for celery_exporter_inspect_errors_total: the broadcast or the collection
 failed, or a worker whose heartbeats arrive did not answer in time."""
@@ -100,11 +108,13 @@ class Round:
         self.expected = bool(expected)
         self.invalid = invalid
         self.answered: dict[str, set[str]] = {}
+        self.views: dict[str, WorkerView] = {}
+        """What each worker runs and holds, for the tracker."""
 
     def on_reply(self, command: str, message: Message) -> bool:
         """Apply one reply message; True once every expected worker answered every command."""
         try:
-            payloads = decode_body(message.body, message.content_type)
+            payloads = decode_body(message.body, message.content_type, MAX_REPLY_BYTES)
         except InvalidMessage as exc:
             self.invalid(exc.reason)
             payloads = []
@@ -128,8 +138,10 @@ class Round:
             capacity = self.capacity[host] = Capacity()
         if command == STATS:
             self._stats(capacity, reply)
-        else:
+        elif command == ACTIVE_QUEUES:
             self._queues(capacity, reply)
+        else:
+            self._tasks(host, command, reply)
         commands = self.answered.setdefault(host, set())
         commands.add(command)
         if len(commands) == len(COMMANDS):
@@ -144,6 +156,17 @@ class Round:
         capacity.prefetch = _count(stats.get("prefetch_count"))
         if capacity.pool is None or capacity.prefetch is None:
             self.invalid(MISSING_FIELD)
+
+    def _tasks(self, host: str, command: str, reply: Any) -> None:
+        view = self.views.get(host)
+        if view is None:
+            view = self.views[host] = WorkerView()
+        if command in view.answered:
+            return  # one reply per command and worker: two workers of one name are not told apart
+        found = reconcile.requests(reply, self.invalid, scheduled=command == reconcile.SCHEDULED)
+        (view.active if command == reconcile.ACTIVE else view.waiting).extend(found)
+        if type(reply) is list:
+            view.answered.add(command)
 
     def _queues(self, capacity: Capacity, queues: Any) -> None:
         if type(queues) is not list:
@@ -192,12 +215,15 @@ class Inspector(Periodic):
             self._errors.inc((reason,), 0)
         for reason in REPLY_REASONS:
             self._invalid.inc((reason,), 0)
+        for reason in reconcile.REASONS:
+            tracker.reconciled.inc((reason,), 0)
 
     def run_once(self) -> None:
         workers = self._tracker.workers.workers
         # Workers folded into 'other' cannot be told apart: none of them is awaited.
         expected = {host for host, worker in list(workers.items()) if worker.up} - {OTHER}
         current = Round(self._capacity, self._tracker.label, expected, self._count_invalid)
+        before = InFlight.of(self._tracker)  # before the broadcast: see reconcile
         started = time.perf_counter()
         try:
             self._control.ask(COMMANDS, self.timeout, current.on_reply, self.stopping)
@@ -216,6 +242,9 @@ class Inspector(Periodic):
         self._duration.observe((), time.perf_counter() - started)
         self._replies.set((), len(current.answered))
         self._export(set(current.answered))
+        if current.views and not self.stopping.is_set():
+            due = time.time() + reconcile.SETTLE_SECONDS
+            self._tracker.reconciliations.append(Reconciliation(due, before, current.views))
 
     def _export(self, answered: set[str]) -> None:
         """Write the capacity series of the workers known now, and the queue coverage."""

@@ -1,11 +1,11 @@
-"""OTLP/HTTP protobuf for the spans ``tracing`` builds: encoding and sending.
+"""OTLP/HTTP protobuf for the spans ``span_hooks`` builds: encoding and sending.
 
 The SDK's generic encoder builds a protobuf object per field and costs
 tens of microseconds a span, more than the rest of a task's events
 together. These spans have one shape (attributes, events, status, a
 parent, a trace state; no links), so they are written to the wire format
 directly, with the attributes that repeat (task names, queues, hosts,
-outcomes) encoded once. Only the standard library is used; ``tracing``'s
+outcomes) encoded once. Only the standard library is used; ``delivery``'s
 ``HttpSpanExporter`` hands this the batches of its span queue.
 
 The destination follows the standard environment variables:
@@ -93,7 +93,7 @@ _PARENT8 = SPAN_PARENT_SPAN_ID + b"\x08"
 
 
 class Span(Protocol):
-    """A finished span as ``tracing.TaskTrace`` and ``tracing.Publish`` hold it: ids as
+    """A finished span as ``spans.TaskTrace`` and ``spans.Publish`` hold it: ids as
     integers (no parent: 0), a W3C trace state ("" for none), the OTLP span kind, times
     in nanoseconds, status as (code, message)."""
 

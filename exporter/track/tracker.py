@@ -8,14 +8,15 @@ it holds only what is really in flight (plus what it never saw finish).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from ..telemetry.metrics import Counter, LabelValues, Metrics
+from ..telemetry.metrics import Counter, Gauge, LabelValues, Metrics
 from .labels import OTHER, LabelLimiter
 from .missed import MissedEvents
 from .workers import WorkerTracker
@@ -35,6 +36,10 @@ long, for at most this many tasks, then count as they are."""
 Event = dict[str, Any]
 LOGGED_IDS = 5
 """Task ids named in the log line of a lost worker."""
+MIN_LOST_GRACE = 10.0
+"""A worker declared down may be paused, not dead (a GC pause, a frozen VM, a
+partition): its running tasks count as interrupted only once it has stayed silent
+for another ``worker_timeout``, at least this long, or came back as a new process."""
 _OTHER = (OTHER,)
 FINAL = frozenset({"task-succeeded", "task-failed", "task-rejected", "task-revoked"})
 
@@ -42,12 +47,12 @@ FINAL = frozenset({"task-succeeded", "task-failed", "task-rejected", "task-revok
 class Task:
     """One in-flight task: the fields later events refer back to.
 
-    ``trace`` belongs to the span hooks (``exporter.telemetry.tracing``): None
+    ``trace`` belongs to the span hooks (``exporter.telemetry.span_hooks``): None
     until they see the task.
     """
 
-    __slots__ = ("done", "eta", "name", "prefetched_on", "queue", "received", "running", "sent",
-                 "started", "trace", "worker")  # fmt: skip
+    __slots__ = ("done", "eta", "name", "prefetched_on", "queue", "received", "running",
+                 "scheduled_on", "sent", "started", "trace", "worker")  # fmt: skip
 
     def __init__(self, name: str, queue: str) -> None:
         self.name = name
@@ -56,6 +61,7 @@ class Task:
         self.eta: float | None = None
         self.received: float | None = None
         self.prefetched_on: str | None = None
+        self.scheduled_on: str | None = None  # held by this worker until its ETA
         self.started: float | None = None  # task-started of the latest execution
         self.worker: str | None = None  # the worker it started on
         self.running: LabelValues | None = None  # (name, queue) while it runs
@@ -71,7 +77,7 @@ A, B = TypeVar("A"), TypeVar("B")
 
 
 class SpanHooks(Protocol):
-    """What the tracker calls when traces are on (``exporter.telemetry.tracing.Spans``)."""
+    """What the tracker calls when traces are on (``exporter.telemetry.span_hooks.Spans``)."""
 
     def hooks(self) -> Mapping[str, Hook]:
         """A hook per task event type, given the task's record and the event."""
@@ -129,8 +135,15 @@ class Tracker:
         )
         self._queue_by_name: dict[str, str] = {}
         self._prefetched: dict[str, int] = {}
+        self._scheduled: dict[str, int] = {}
+        self._etas: list[tuple[float, str]] = []  # (ETA, uuid) of scheduled tasks, a heap
+        self._lost: dict[str, float] = {}  # workers declared down, since when
+        self._lost_grace = max(worker_timeout, MIN_LOST_GRACE)
+        self.reconciliations: deque[Any] = deque()
+        """Views of the workers' own task lists, appended by the inspect thread and
+        applied at the tick once due (``exporter.track.reconcile``)."""
         # Tasks running now, by (name, queue), in the order their task-started arrived.
-        self._running: defaultdict[LabelValues, dict[str, Task]] = defaultdict(dict)
+        self.running: defaultdict[LabelValues, dict[str, Task]] = defaultdict(dict)
         counter, histogram = metrics.counter, metrics.histogram
         self._events = counter("celery_exporter_events_total")
         self._lag = histogram("celery_exporter_event_lag_seconds")
@@ -147,13 +160,15 @@ class Tracker:
         self._interrupted = counter("celery_task_interrupted_total")
         self._missed = MissedEvents(counter("celery_exporter_events_missed_total"))
         self._starts_counted = False  # True while held events, counted on arrival, apply
-        self._running_gauge = metrics.gauge("celery_task_running")
+        self.running_gauge = metrics.gauge("celery_task_running")
         self._oldest_gauge = metrics.gauge("celery_task_oldest_running_start_timestamp_seconds")
         self._prefetch_wait = histogram("celery_task_prefetch_wait_seconds")
         self._queue_wait = histogram("celery_task_queue_wait_seconds")
         self._prefetched_gauge = metrics.gauge("celery_worker_tasks_prefetched")
+        self._scheduled_gauge = metrics.gauge("celery_worker_tasks_scheduled")
         self._tracked = metrics.gauge("celery_exporter_tracked_tasks")
         self._evicted = counter("celery_exporter_tracked_tasks_evicted_total")
+        self.reconciled = counter("celery_exporter_tasks_reconciled_total")
         self._on_task: dict[str, TaskHandler] = {
             "task-sent": self._on_sent,
             "task-received": self._on_received,
@@ -165,7 +180,7 @@ class Tracker:
             "task-revoked": self._on_revoked,
         }
         self._on_worker: dict[str, WorkerHandler] = {
-            "worker-online": self._on_heartbeat,
+            "worker-online": self._on_online,
             "worker-heartbeat": self._on_heartbeat,
             "worker-offline": self._on_offline,
         }
@@ -202,13 +217,18 @@ class Tracker:
         """Periodic upkeep: worker liveness, held events and the in-flight gauges."""
         lost, purged = self.workers.expire(now)
         for hostname in lost:
-            self._lose(hostname)
+            self._lost[hostname] = now
+        for hostname, since in list(self._lost.items()):
+            if now - since >= self._lost_grace:
+                self._interrupt(hostname, f"silent for {self._lost_grace:g} s after it was down")
         for hostname in purged:
             # A worker that said goodbye finished its tasks first; any still marked
             # running had their last events lost, and leave the figures uncounted.
             for uuid, task in self._running_on(hostname):
-                self._stop_running(uuid, task)
+                self.stop_running(uuid, task)
+            self._lost.pop(hostname, None)
             self._prefetched.pop(hostname, None)
+            self._scheduled.pop(hostname, None)
             self._missed.forget(hostname)
             self.metrics.forget("hostname", hostname)
             if self.flower is not None:
@@ -220,6 +240,12 @@ class Tracker:
             if now - since < HOLD_SECONDS:
                 break
             self._release(uuid)
+        etas = self._etas
+        while etas and etas[0][0] <= now:
+            self._eta_reached(*heapq.heappop(etas))
+        reconciliations = self.reconciliations
+        while reconciliations and reconciliations[0].due <= now:
+            reconciliations.popleft().apply(self, now)
         self._tracked.set((), len(self.tasks))
         self._count_running()
 
@@ -228,6 +254,26 @@ class Tracker:
         return set(list(self._queue_by_name.values())) - {OTHER}
 
     # Task table.
+
+    def is_held(self, uuid: str) -> bool:
+        """Whether the task's events wait for the event that names it."""
+        return uuid in self._held
+
+    def finished(self, uuid: str) -> bool:
+        return uuid in self._finished
+
+    def track(self, uuid: str) -> Task:
+        """A new record in the table, for a task its worker told of (inspect)."""
+        task = self.tasks[uuid] = Task(UNKNOWN, self.default_queue)
+        if len(self.tasks) > self.max_tracked_tasks:
+            self._evict()
+        return task
+
+    def name_from_worker(self, task: Task, name: str | None, queue: str | None) -> None:
+        """Name a task, and give it its queue, from what its worker reported."""
+        self._name(task, name)
+        if queue and task.sent is None:
+            task.queue = self.label("queue", queue)
 
     def _first_sight(self, kind: str, event: Event, arrival: float) -> None:
         """An event of a task not in the table: apply it, or hold it until the task is named."""
@@ -282,9 +328,9 @@ class Tracker:
     def _finish(self, uuid: str, task: Task) -> Task:
         """Move a task that reached a final state from the table to the recently finished."""
         del self.tasks[uuid]
-        self._unprefetch(task)
+        self.unprefetch(task)
         if task.running is not None:
-            self._running[task.running].pop(uuid, None)
+            self.running[task.running].pop(uuid, None)
             task.running = None
         task.done = True
         finished = self._finished
@@ -295,9 +341,9 @@ class Tracker:
 
     def _evict(self) -> None:
         uuid, task = self.tasks.popitem(last=False)
-        self._unprefetch(task)
+        self.unprefetch(task)
         if task.running is not None:
-            self._stop_running(uuid, task)
+            self.stop_running(uuid, task)
         self._evicted.inc()
         if self.spans is not None:
             self.spans.evicted(task)
@@ -323,79 +369,114 @@ class Tracker:
         if task.sent is None:
             task.queue = self._queue_by_name.get(task.name, self.default_queue)
 
-    def _prefetch(self, task: Task, hostname: str) -> None:
-        if task.prefetched_on is None and not task.done:
+    def prefetch(self, task: Task, hostname: str) -> None:
+        """The task waits in the worker's prefetch buffer for a pool slot."""
+        if task.prefetched_on is None and task.scheduled_on is None and not task.done:
             task.prefetched_on = hostname
             count = self._prefetched[hostname] = self._prefetched.get(hostname, 0) + 1
             self._prefetched_gauge.set((hostname,), count)
 
-    def _unprefetch(self, task: Task) -> None:
+    def schedule(self, task: Task, uuid: str, hostname: str, eta: float) -> None:
+        """The task waits in the worker for its ETA (a countdown, a retry's delay)."""
+        if task.prefetched_on is None and task.scheduled_on is None and not task.done:
+            task.scheduled_on = hostname
+            count = self._scheduled[hostname] = self._scheduled.get(hostname, 0) + 1
+            self._scheduled_gauge.set((hostname,), count)
+            etas = self._etas
+            heapq.heappush(etas, (eta, uuid))
+            if len(etas) > 2 * self.max_tracked_tasks:  # tasks that left the table meanwhile
+                etas[:] = [(at, key) for at, key in etas if key in self.tasks]
+                heapq.heapify(etas)
+
+    def unprefetch(self, task: Task) -> None:
+        """The task no longer waits in a worker: it started, ended, or left it."""
         hostname = task.prefetched_on
         if hostname is not None:
             task.prefetched_on = None
-            count = self._prefetched.get(hostname)
-            if count:
-                self._prefetched[hostname] = count - 1
-                self._prefetched_gauge.set((hostname,), count - 1)
+            _decrement(self._prefetched, self._prefetched_gauge, hostname)
+        hostname = task.scheduled_on
+        if hostname is not None:
+            task.scheduled_on = None
+            _decrement(self._scheduled, self._scheduled_gauge, hostname)
+
+    def _eta_reached(self, eta: float, uuid: str) -> None:
+        """A scheduled task whose ETA passed waits for a pool slot like any other."""
+        task = self.tasks.get(uuid)
+        if task is not None and task.scheduled_on is not None and task.eta == eta:
+            hostname = task.scheduled_on
+            self.unprefetch(task)
+            self.prefetch(task, hostname)
 
     # Tasks in flight.
 
-    def _stop_running(self, uuid: str, task: Task) -> None:
+    def stop_running(self, uuid: str, task: Task) -> None:
         """The task's execution ended (retried, evicted or its worker lost; ``_finish``
         does the same inline)."""
-        self._running[task.running].pop(uuid, None)  # type: ignore[index]
+        self.running[task.running].pop(uuid, None)  # type: ignore[index]
         task.running = None
+
+    def adopt_running(self, uuid: str, task: Task, hostname: str, started: float) -> None:
+        """A task its worker runs that no event said started: it runs from ``started``."""
+        self.unprefetch(task)
+        task.started = started
+        task.worker = hostname
+        key = task.running = (task.name, task.queue)
+        running = self.running[key]
+        first = next(iter(running.values()), None)
+        if first is not None and first.started is not None and started < first.started:
+            self.running[key] = {uuid: task, **running}  # the oldest comes first
+        else:
+            running[uuid] = task
 
     def _count_running(self) -> None:
         """Set the running gauges from the running tasks: at the tick, never per event."""
-        running_gauge, oldest_gauge = self._running_gauge, self._oldest_gauge
-        for key, running in list(self._running.items()):
+        running_gauge, oldest_gauge = self.running_gauge, self._oldest_gauge
+        for key, running in list(self.running.items()):
             running_gauge.set(key, len(running))
             if running:
                 # The earliest to arrive is the oldest, clock skew between workers aside.
                 oldest_gauge.set(key, next(iter(running.values())).started)
             else:
                 oldest_gauge.remove(key)
-                del self._running[key]
+                del self.running[key]
 
     def _running_on(self, hostname: str) -> list[tuple[str, Task]]:
         return [
             (uuid, task)
-            for running in self._running.values()
+            for running in self.running.values()
             for uuid, task in running.items()
             if task.worker == hostname
         ]
 
-    def _lose(self, hostname: str) -> None:
-        """The worker is gone: its running tasks are interrupted, its prefetched ones freed.
+    def _interrupt(self, hostname: str, why: str) -> None:
+        """The worker is gone: its running tasks are interrupted, its waiting ones freed.
 
         The broker gives prefetched tasks (and, with ``acks_late``, running ones) to
         another worker; their records stay, so a later event counts as usual.
         """
+        self._lost.pop(hostname, None)
         interrupted = self._running_on(hostname)
         for uuid, task in interrupted:
-            self._stop_running(uuid, task)
+            self.stop_running(uuid, task)
             self._interrupted.inc((task.name, hostname, task.queue))
             if self.spans is not None:
                 self.spans.interrupted(task, hostname)
         if interrupted:
             ids = ", ".join(uuid for uuid, _ in interrupted[:LOGGED_IDS])
             more = ", …" if len(interrupted) > LOGGED_IDS else ""
-            log.warning("worker %s lost with %d tasks running, counted as interrupted: %s%s",
-                        hostname, len(interrupted), ids, more)  # fmt: skip
-        if self._prefetched.get(hostname):
+            log.warning("worker %s lost (%s) with %d tasks running, counted as interrupted: "
+                        "%s%s", hostname, why, len(interrupted), ids, more)  # fmt: skip
+        if self._prefetched.get(hostname) or self._scheduled.get(hostname):
             for task in self.tasks.values():
-                if task.prefetched_on == hostname:
-                    task.prefetched_on = None
-            self._prefetched[hostname] = 0
-            self._prefetched_gauge.set((hostname,), 0)
+                if hostname in (task.prefetched_on, task.scheduled_on):
+                    self.unprefetch(task)
 
     # Event handlers, one per type.
 
     def _on_sent(self, task: Task, event: Event) -> None:
         self._sent_seen = True
         task.sent = event["timestamp"]
-        task.eta = _eta(event.get("eta"))
+        task.eta = eta_timestamp(event.get("eta"))
         self._name(task, event.get("name"))
         queue = event.get("queue")
         if queue:
@@ -405,16 +486,20 @@ class Tracker:
     def _on_received(self, task: Task, event: Event) -> None:
         self._name(task, event.get("name"))
         hostname = self.label("hostname", event["hostname"])
-        task.received = event["timestamp"]
-        if task.eta is None:
-            task.eta = _eta(event.get("eta"))
-        self._prefetch(task, hostname)
+        received = task.received = event["timestamp"]
+        eta = event.get("eta")
+        if eta:  # this delivery's: a retry's replaces the first's
+            task.eta = eta_timestamp(eta)
+        if task.eta is not None and task.eta > received:
+            self.schedule(task, event["uuid"], hostname, task.eta)
+        else:
+            self.prefetch(task, hostname)
         self._received.inc((task.name, hostname, task.queue))
 
     def _on_started(self, task: Task, event: Event) -> None:
         hostname = self.label("hostname", event["hostname"])
         started = event["timestamp"]
-        self._unprefetch(task)
+        self.unprefetch(task)
         key = (task.name, task.queue)
         self._started.inc((task.name, hostname, task.queue))
         if not self._starts_counted:
@@ -424,11 +509,12 @@ class Tracker:
         if not task.done:
             uuid = event["uuid"]
             if task.running is not None:  # started again without a retry: a redelivery
-                self._stop_running(uuid, task)
-            self._running[key][uuid] = task
+                self.stop_running(uuid, task)
+            self.running[key][uuid] = task
             task.running = key
-        if task.received is not None:
-            self._prefetch_wait.observe(key, max(0.0, started - task.received))
+        if task.received is not None:  # from the ETA, for a task held until then
+            ready = max(task.received, task.eta or 0.0)
+            self._prefetch_wait.observe(key, max(0.0, started - ready))
         if task.sent is not None:
             ready = max(task.sent, task.eta or 0.0)
             self._queue_wait.observe(key, max(0.0, started - ready))
@@ -450,9 +536,9 @@ class Tracker:
             )
 
     def _on_retried(self, task: Task, event: Event) -> None:
-        self._unprefetch(task)
+        self.unprefetch(task)
         if task.running is not None:
-            self._stop_running(event["uuid"], task)
+            self.stop_running(event["uuid"], task)
         task.received = None
         hostname = self.label("hostname", event["hostname"])
         exception = self.label("exception", exception_class(event.get("exception")))
@@ -471,13 +557,35 @@ class Tracker:
 
     def _on_heartbeat(self, event: Event, arrival: float) -> None:
         hostname = self.label("hostname", event["hostname"])
+        if hostname in self._lost:  # down, and back: paused, or started again?
+            if self.workers.restarted(hostname, event):
+                self._interrupt(hostname, "it came back as a new process")
+            else:
+                del self._lost[hostname]
+                log.info("worker %s is back: it was paused, not lost; nothing interrupted",
+                         hostname)  # fmt: skip
         self.workers.heartbeat(hostname, event, arrival)
         if hostname != OTHER:  # folded workers' counts cannot be told apart
             self._missed.heartbeat(hostname, event["timestamp"], event.get("processed"))
         self._prefetched_gauge.set((hostname,), self._prefetched.get(hostname, 0))
+        self._scheduled_gauge.set((hostname,), self._scheduled.get(hostname, 0))
+
+    def _on_online(self, event: Event, arrival: float) -> None:
+        """A worker (re)started; one whose process changed lost what its last one ran."""
+        hostname = self.label("hostname", event["hostname"])
+        if hostname != OTHER and self.workers.restarted(hostname, event):
+            self._interrupt(hostname, "it started again as a new process")
+        self._on_heartbeat(event, arrival)
 
     def _on_offline(self, event: Event, arrival: float) -> None:
         self.workers.offline(self.label("hostname", event["hostname"]), arrival)
+
+
+def _decrement(counts: dict[str, int], gauge: Gauge, hostname: str) -> None:
+    count = counts.get(hostname)
+    if count:
+        counts[hostname] = count - 1
+        gauge.set((hostname,), count - 1)
 
 
 def _then(handler: Callable[[A, B], None], hook: Callable[[A, B], None]) -> Callable[[A, B], None]:
@@ -512,7 +620,7 @@ def exception_class(text: str | None, traceback: str | None = None) -> str:
 _CLASS_NAME = re.compile(r"[A-Za-z_][\w.]*")
 
 
-def _eta(value: str | None) -> float | None:
+def eta_timestamp(value: str | None) -> float | None:
     """Celery sends ETAs as ISO 8601 text; naive ones are UTC."""
     if not value:
         return None

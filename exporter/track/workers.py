@@ -22,6 +22,8 @@ class Worker:
     up: bool = True
     said_goodbye: bool = False
     info: tuple[str, str, str] = ("", "", "")
+    pid: int | None = None
+    processed: int = 0
 
 
 class WorkerTracker:
@@ -49,13 +51,28 @@ class WorkerTracker:
         self._up.set(key, 1)
         self._last.set(key, arrival)
         self._active.set(key, event.get("active") or 0)
-        self._processed.set_total(key, event.get("processed") or 0)
+        processed = event.get("processed") or 0
+        self._processed.set_total(key, processed)
+        pid = event.get("pid")
+        worker.pid = pid if type(pid) is int else None
+        worker.processed = processed if type(processed) is int else 0
         info = (_text(event.get("sw_ident")), _text(event.get("sw_ver")),
                 _text(event.get("sw_sys")))  # fmt: skip
         if info != worker.info:
             self._info.remove(key + worker.info)
             worker.info = info
             self._info.set(key + info, 1)
+
+    def restarted(self, hostname: str, event: dict[str, Any]) -> bool:
+        """Whether the worker's event comes from another process than its last heartbeat's:
+        another pid, or a count of processed tasks that started again."""
+        worker = self.workers.get(hostname)
+        if worker is None or worker.pid is None:
+            return False
+        pid, processed = event.get("pid"), event.get("processed")
+        return (type(pid) is int and pid != worker.pid) or (
+            type(processed) is int and processed < worker.processed
+        )
 
     def offline(self, hostname: str, arrival: float) -> None:
         """A ``worker-offline``: the worker shut down cleanly."""
