@@ -24,8 +24,7 @@ class FlowerProcess:
     """``celery --broker URL flower`` in its own session, serving on a free port.
 
     Flower's periodic ``enable_events`` broadcasts are off (the workers run with
-    ``-E``), its state is not persisted, and prometheus_client's ``_created``
-    series are off, so its ``/metrics`` holds Flower's own families only.
+    ``-E``) and its state is not persisted.
     """
 
     def __init__(self, broker_url: str, directory: Path) -> None:
@@ -33,6 +32,9 @@ class FlowerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = directory / f"flower-{self.port}.log"
         self._log: IO[bytes] | None = open(self.log_path, "wb")  # noqa: SIM115 - closed on stop
+        # As Flower runs by default: with prometheus_client's _created series.
+        env = dict(os.environ)
+        env.pop("PROMETHEUS_DISABLE_CREATED_SERIES", None)
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -47,7 +49,7 @@ class FlowerProcess:
                 "--enable_events=False",
             ],
             cwd=directory,
-            env={**os.environ, "PROMETHEUS_DISABLE_CREATED_SERIES": "True"},
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -79,13 +81,31 @@ class FlowerProcess:
 
 
 def flower_families(text: str, openmetrics: bool = False) -> dict[str, Family]:
-    """The ``flower_*`` families of an exposition text, by name (counters without ``_total``)."""
+    """The ``flower_*`` families of an exposition text that hold series, by name (counters
+    without ``_total``). The ``_created`` samples OpenMetrics keeps in their family become
+    a gauge family of their own, as the text format has them."""
+    families: dict[str, Family] = {}
     parse = openmetrics_families if openmetrics else text_string_to_metric_families
-    return {
-        family.name: (
-            family.type,
-            {(s.name, frozenset(s.labels.items())): s.value for s in family.samples},
-        )
-        for family in parse(text)
-        if family.name.startswith("flower_")
-    }
+    for family in parse(text):
+        if not family.name.startswith("flower_"):
+            continue
+        for sample in family.samples:
+            name, kind = family.name, family.type
+            if openmetrics and sample.name.endswith("_created"):
+                name, kind = sample.name, "gauge"
+            samples = families.setdefault(name, (kind, {}))[1]
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return families
+
+
+def without_created(families: dict[str, Family], since: float, until: float) -> dict[str, Family]:
+    """The families with the values of the ``_created`` ones (when each series began)
+    replaced by True, once each is checked to lie between ``since`` and ``until``."""
+    kept = {}
+    for name, (kind, samples) in families.items():
+        if name.endswith("_created"):
+            late = {key: value for key, value in samples.items() if not since <= value <= until}
+            assert not late, f"{name}: began outside [{since}, {until}]: {late}"
+            samples = dict.fromkeys(samples, True)
+        kept[name] = (kind, samples)
+    return kept

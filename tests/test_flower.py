@@ -7,6 +7,7 @@ with the global prometheus_client registry it writes to; each test starts it afr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from exporter.telemetry.flower import FlowerMetrics
 from exporter.telemetry.metrics import Metrics
 from exporter.track.tracker import Tracker
 from tests.events import event, failed, heartbeat, received, sent, started, succeeded
-from tests.flower_process import Family, flower_families
+from tests.flower_process import Family, flower_families, without_created
 
 ARRIVAL = 1000.0
 W1, W2 = "celery@w1", "celery@w2"
@@ -58,16 +59,18 @@ def _tracker(max_label_values: int = 1000) -> tuple[Tracker, Metrics]:
 
 
 def _both(flower_state: Any, *events: dict) -> tuple[dict[str, Family], dict[str, Family]]:
-    """Flower's series and the tracker's, after the same events."""
+    """Flower's series and the tracker's, after the same events (when each series began
+    checked to be during the call)."""
     tracker, metrics = _tracker()
+    since = time.time()
     for one in events:
         flower_state.event({**one, "local_received": one["timestamp"]})
         tracker.handle(dict(one), ARRIVAL)
     tracker.tick(ARRIVAL + 3.0)  # releases events held for a name
     theirs = flower_families(generate_latest(REGISTRY).decode())
-    # prometheus_client's series creation times, off in the live test's Flower.
-    theirs = {name: family for name, family in theirs.items() if not name.endswith("_created")}
-    return theirs, flower_families(TextWriter(metrics).text().decode())
+    ours = flower_families(TextWriter(metrics).text().decode())
+    until = time.time()
+    return without_created(theirs, since, until), without_created(ours, since, until)
 
 
 LIFECYCLES = (
@@ -176,7 +179,8 @@ def test_off_serves_no_flower_family_and_chains_nothing() -> None:
         )
     )
     assert {name for name in on.metrics.families if name.startswith("flower_")} == {
-        "flower_events_total", "flower_task_runtime_seconds", "flower_task_prefetch_time_seconds",
+        "flower_events_total", "flower_events_created", "flower_task_runtime_seconds",
+        "flower_task_runtime_seconds_created", "flower_task_prefetch_time_seconds",
         "flower_worker_prefetched_tasks", "flower_worker_online",
         "flower_worker_number_of_currently_executing_tasks",
     }  # fmt: skip

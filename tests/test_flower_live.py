@@ -9,6 +9,7 @@ exporter with the same name, type and label names, and the same values.
 from __future__ import annotations
 
 import math
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.celery_app import make_app
-from tests.flower_process import Family, FlowerProcess, flower_families
+from tests.flower_process import Family, FlowerProcess, flower_families, without_created
 from tests.harness import InProcessExporter, connected_exporter, scrape
 from tests.servers import wait_for
 
@@ -65,6 +66,7 @@ def test_flower_and_the_exporter_serve_the_same_flower_families(
     tmp_path: Path,
 ) -> None:
     exporter = flower_metrics_exporter
+    since = time.time()
     flower = FlowerProcess(broker.url, tmp_path).wait_serving()
     try:
 
@@ -115,6 +117,11 @@ def test_flower_and_the_exporter_serve_the_same_flower_families(
             assert flower_families(response.read().decode(), openmetrics=True) == ours
     finally:
         flower.stop()
+    # Both began each series of a family during the test, at moments of their own.
+    theirs, ours = (
+        without_created(theirs, since, time.time()),
+        without_created(ours, since, time.time()),
+    )
 
     # The figures themselves: 11 tasks, the retried one published, received and started twice.
     by_type = _by_type(ours)
@@ -128,15 +135,16 @@ def test_flower_and_the_exporter_serve_the_same_flower_families(
     assert runtime_count == FINISHED["task-succeeded"]
     # Every family Flower serves, as Flower serves it.
     assert set(theirs) == {
-        "flower_events", "flower_task_runtime_seconds", "flower_task_prefetch_time_seconds",
+        "flower_events", "flower_events_created", "flower_task_runtime_seconds",
+        "flower_task_runtime_seconds_created", "flower_task_prefetch_time_seconds",
         "flower_worker_prefetched_tasks", "flower_worker_online", executing,
     }  # fmt: skip
     for name, family in theirs.items():
         assert name in ours, name
         assert ours[name][0] == family[0], name
         assert _label_names(ours[name]) == _label_names(family), name
-    for name in ("flower_events", "flower_worker_online", executing,
-                 "flower_worker_prefetched_tasks"):  # fmt: skip
+    for name in ("flower_events", "flower_events_created", "flower_task_runtime_seconds_created",
+                 "flower_worker_online", executing, "flower_worker_prefetched_tasks"):  # fmt: skip
         assert ours[name][1] == theirs[name][1], name
     histogram = "flower_task_runtime_seconds"
     assert {

@@ -13,6 +13,7 @@ are chained only when the option is on: off, events pay nothing for them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 from ..track.labels import LabelLimiter
@@ -34,7 +35,9 @@ class FlowerMetrics:
     def __init__(self, metrics: Metrics, max_tasks: int) -> None:
         self._forget = metrics.forget
         self._events = metrics.counter("flower_events_total")
+        self._events_created = metrics.gauge("flower_events_created")
         self._runtime = metrics.histogram("flower_task_runtime_seconds")
+        self._runtime_created = metrics.gauge("flower_task_runtime_seconds_created")
         self._prefetch_time = metrics.gauge("flower_task_prefetch_time_seconds")
         self._prefetched = metrics.gauge("flower_worker_prefetched_tasks")
         self._online = metrics.gauge("flower_worker_online")
@@ -48,6 +51,7 @@ class FlowerMetrics:
     def hooks(self, label: LabelLimiter) -> tuple[Mapping[str, Hook], Mapping[str, WorkerHandler]]:
         """A hook per task and per worker event type; hostnames are bounded by ``label``."""
         events, runtime, received = self._events, self._runtime, self.received
+        events_created, runtime_created = self._events_created, self._runtime_created
         prefetch_time, prefetched = self._prefetch_time, self._prefetched
         online, executing = self._online, self._executing
 
@@ -59,9 +63,13 @@ class FlowerMetrics:
 
             def hook(task: Task, event: Event) -> None:
                 worker = label(role, event["hostname"])
-                series = (worker, task.name)
-                events.inc((worker, kind, task.name))
+                series, counted = (worker, task.name), (worker, kind, task.name)
+                if counted not in events.values:
+                    events_created.set(counted, time.time())
+                events.inc(counted)
                 if timed and event["runtime"]:
+                    if series not in runtime.values:
+                        runtime_created.set(series, time.time())
                     runtime.observe(series, event["runtime"])
                 if not prefetch:
                     return

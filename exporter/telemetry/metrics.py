@@ -24,6 +24,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 
@@ -39,6 +40,7 @@ FLOWER_RUNTIME_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 )  # fmt: skip
 """Flower's default ``--task_runtime_metric_buckets`` (prometheus_client's defaults)."""
+CREATED = "_created"
 FLOWER = "flower_"
 """The prefix of Flower's families, served only with ``--flower-metrics``."""
 
@@ -170,9 +172,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("flower_events_total", COUNTER,
                "Task events, by worker (the client's hostname for task-sent), type and task "
                "name, as Flower counts them.", ("worker", "type", "task")),
+    MetricSpec("flower_events_created", GAUGE,
+               "Unix time each flower_events_total series began, as Flower's prometheus_client "
+               "serves it.", ("worker", "type", "task")),
     MetricSpec("flower_task_runtime_seconds", HISTOGRAM,
                "Run time of succeeded tasks as the worker reports it, in Flower's buckets.",
                ("worker", "task")),
+    MetricSpec("flower_task_runtime_seconds_created", GAUGE,
+               "Unix time each flower_task_runtime_seconds series began, as Flower's "
+               "prometheus_client serves it.", ("worker", "task")),
     MetricSpec("flower_task_prefetch_time_seconds", GAUGE,
                "task-received to task-started of the last task of the name to start there, "
                "0 once it finished (tasks without an ETA), as Flower sets it.",
@@ -324,6 +332,16 @@ class Metrics(Collector):
                 self.families[spec.name] = Gauge(spec)
             else:
                 self.families[spec.name] = Counter(spec)
+        self.created: dict[str, Gauge] = {
+            parent: family
+            for name, family in self.families.items()
+            if name.endswith(CREATED) and type(family) is Gauge
+            for parent in (name.removesuffix(CREATED) + "_total", name.removesuffix(CREATED))
+            if parent in self.families
+        }
+        """The start times of a family's series, in a gauge family named after it (Flower's
+        ``flower_events_created``): the text format serves them as a family of their own,
+        as prometheus_client does, OpenMetrics as the family's ``_created`` samples."""
         # Families without labels exist from the start, so they read 0, not absent.
         for family in self.families.values():
             if not family.spec.labels and not isinstance(family, Histogram):
@@ -362,21 +380,28 @@ class Metrics(Collector):
     def collect(self) -> Iterator[Metric]:
         extra_names = tuple(self.static_labels)
         extra_values = tuple(self.static_labels.values())
+        folded = set(self.created.values())
         for family in self.families.values():
+            if family in folded:
+                continue  # served as the _created samples of its family
             spec = family.spec
             labels = list(spec.labels + extra_names)
             # Copy first: the event thread may add series while we render.
             items = list(family.values.items())
+            created = self.created.get(spec.name)
+            starts = dict(created.values) if created is not None else {}
             if isinstance(family, Histogram):
                 exemplars = self.exemplars.get(spec.name)
-                yield _histogram_family(family, labels, items, extra_values, exemplars)
+                yield _histogram_family(family, labels, items, extra_values, exemplars, starts)
                 continue
             if isinstance(family, Gauge):
                 metric: Metric = GaugeMetricFamily(spec.name, spec.help, labels=labels)
+                for key, value in items:
+                    metric.add_metric(key + extra_values, value)
             else:
                 metric = CounterMetricFamily(spec.name[: -len("_total")], spec.help, labels=labels)
-            for key, value in items:
-                metric.add_metric(key + extra_values, value)
+                for key, value in items:
+                    metric.add_metric(key + extra_values, value, created=starts.get(key))
             yield metric
 
 
@@ -386,6 +411,7 @@ def _histogram_family(
     items: Iterable[tuple[LabelValues, list[float]]],
     extra_values: LabelValues,
     exemplars: Exemplars | None = None,
+    starts: Mapping[LabelValues, float] | None = None,
 ) -> HistogramMetricFamily:
     metric = HistogramMetricFamily(family.spec.name, family.spec.help, labels=labels)
     for key, series in items:
@@ -396,6 +422,9 @@ def _histogram_family(
                 for (edge, count), exemplar in zip(buckets, exemplars.of(key), strict=True)
             ]
         metric.add_metric(list(key + extra_values), buckets, total)
+        if starts and key in starts:  # add_metric takes no start time for histograms
+            label_set = dict(zip(labels, key + extra_values, strict=True))
+            metric.samples.append(Sample(f"{family.spec.name}{CREATED}", label_set, starts[key]))
     return metric
 
 
