@@ -22,6 +22,7 @@ import yaml
 
 from . import __version__
 from .telemetry.metrics import DEFAULT_RUNTIME_BUCKETS, DEFAULT_WAIT_BUCKETS
+from .track import hostnames
 from .web import webconfig
 
 ENV_PREFIX = "CELERY_EXPORTER_"
@@ -158,6 +159,24 @@ def _web_config_file(value: Any) -> str:
     if path:
         webconfig.load(path)
     return path
+
+
+def _rewrites(value: Any) -> tuple[hostnames.Rewrite, ...]:
+    """Rules from YAML (a mapping of ``pattern`` and ``replacement``, or a list of them), from
+    repeated ``PATTERN=REPLACEMENT`` flags, or from the environment (JSON, or one rule as
+    text). Split at the last ``=``, since a pattern may hold one and a replacement needs none."""
+    if isinstance(value, str) and value.lstrip().startswith(("{", "[")):
+        value = _json_or_text(value)  # a pattern may start with a bracket too
+    rules = []
+    for item in value if isinstance(value, list | tuple) else [value]:
+        if isinstance(item, Mapping) and set(item) == {"pattern", "replacement"}:
+            pattern, replacement = _text(item["pattern"]), _text(item["replacement"])
+        elif isinstance(item, str) and "=" in item:
+            pattern, _, replacement = item.rpartition("=")
+        else:
+            raise ValueError(f"expected pattern and replacement, got {item!r}")
+        rules.append(hostnames.compile_rewrite(pattern, replacement))
+    return tuple(rules)
 
 
 def option(
@@ -340,6 +359,25 @@ class Config:
         group=METRICS,
         parse=integer(1),
         metavar="N",
+    )
+    # Fleets: task series without pod names.
+    task_hostname_label: str = option(
+        hostnames.KEEP,
+        "hostname label of task families (celery_task_*): keep, or drop to sum them over "
+        "workers at the source; worker families keep it either way.",
+        group=METRICS,
+        parse=_choice(hostnames.KEEP, hostnames.DROP),
+        metavar="MODE",
+    )
+    task_hostname_rewrite: tuple[hostnames.Rewrite, ...] = option(
+        (),
+        "Rewrite of the hostname label of task families, PATTERN=REPLACEMENT (Python re, "
+        r"\1 or \g<name>; repeatable, the first matching rule applies), e.g. "
+        r"'^(celery@.+)-[0-9a-f]{8,10}-[0-9a-z]{5}$=\1' folds a Deployment's pods into one.",
+        group=METRICS,
+        parse=_rewrites,
+        metavar="PATTERN=REPLACEMENT",
+        repeat=True,
     )
     host: str = option("0.0.0.0", "Address to serve HTTP on.", group=HTTP, metavar="ADDRESS")
     port: int = option(

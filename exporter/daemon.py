@@ -83,6 +83,8 @@ class Daemon:
             max_label_values=config.max_label_values,
             spans=_spans(config, metrics),
             on_failure=failures.record if failures else None,
+            task_hostname_label=config.task_hostname_label,
+            task_hostname_rewrite=config.task_hostname_rewrite,
             flower=flower,
         )
         history = History(metrics, health)

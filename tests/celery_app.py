@@ -30,6 +30,7 @@ TASK_NAMES = (
     "tests.fail",
     "tests.fail_key",
     "tests.retry_then_succeed",
+    "tests.retry_later",
     "tests.sleep",
     "tests.sleep_late",
     "tests.noop",
@@ -55,6 +56,13 @@ def retry_then_succeed(self: Task, times: int) -> str:
     """Exactly ``times`` task-retried events (exception RuntimeError), then a success."""
     if self.request.retries < times:
         raise self.retry(countdown=0, max_retries=times, exc=RuntimeError("again"))
+    return "ok"
+
+
+def retry_later(self: Task, countdown: float) -> str:
+    """Retried once with a countdown: held by the worker until its ETA, then a success."""
+    if not self.request.retries:
+        raise self.retry(countdown=countdown, max_retries=1, exc=RuntimeError("later"))
     return "ok"
 
 
@@ -109,6 +117,7 @@ def make_app(broker_url: str, sent_events: bool = True) -> Celery:
     celery.task(name="tests.fail")(fail)
     celery.task(name="tests.fail_key")(fail_key)
     celery.task(name="tests.retry_then_succeed", bind=True)(retry_then_succeed)
+    celery.task(name="tests.retry_later", bind=True)(retry_later)
     celery.task(name="tests.sleep")(sleep)
     # Acknowledged when done: with --prefetch-multiplier 1 a worker holds exactly as
     # many as it runs, so the rest of a burst waits in the broker, countable.

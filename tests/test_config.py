@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import yaml
 
 from exporter import config
 from exporter.telemetry.metrics import METRICS
+from exporter.track import hostnames
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = ["--broker-url", "redis://localhost:6379/0"]
@@ -83,6 +85,32 @@ def test_repeatable_and_list_options() -> None:
         ([], {}, "log_format: xml\n", "log_format: expected one of text, json, got 'xml'"),
         ([], {}, "runtime_buckets: [1, 0.5]\n", "runtime_buckets: expected increasing positive"),
         ([], {}, "static_labels: {'bad-label': x}\n", "static_labels: 'bad-label' is not a valid"),
+        (
+            ["--task-hostname-label", "sum"],
+            {},
+            None,
+            "task_hostname_label: expected one of keep, drop, got 'sum' "
+            "(from --task-hostname-label)",
+        ),
+        (
+            ["--task-hostname-rewrite", "^(celery@.+-[0-9]+$=\\1"],
+            {},
+            None,
+            "task_hostname_rewrite: pattern '^(celery@.+-[0-9]+$' does not compile: missing ),",
+        ),
+        (
+            [],
+            {},
+            "task_hostname_rewrite: {pattern: '^(celery@.+)-[0-9]+$', replacement: '\\2'}\n",
+            "task_hostname_rewrite: replacement '\\\\2' for '^(celery@.+)-[0-9]+$': invalid group",
+        ),
+        (
+            [],
+            {"CELERY_EXPORTER_TASK_HOSTNAME_REWRITE": "^(?P<app>celery@.+)-[0-9]+$=\\g<ap>"},
+            None,
+            "unknown group name 'ap' (from CELERY_EXPORTER_TASK_HOSTNAME_REWRITE)",
+        ),
+        ([], {}, "task_hostname_rewrite: [{pattern: x}]\n", "task_hostname_rewrite: expected"),
         ([], {}, "- a list\n", "config: "),
         ([], {}, "port: [\n", "config: "),
     ],
@@ -140,6 +168,11 @@ def test_a_broker_url_mistake_names_the_key(url: str, message: str) -> None:
             ["--broker-url", "nosuchscheme://x"],
             "broker_url: unknown transport 'nosuchscheme' in nosuchscheme://x",
         ),
+        (
+            [*BROKER, "--task-hostname-rewrite", "^(celery@.+)-[0-9]+$=\\g<app>"],
+            "task_hostname_rewrite: replacement '\\\\g<app>' for '^(celery@.+)-[0-9]+$': "
+            "unknown group name 'app' (from --task-hostname-rewrite)",
+        ),
     ],
 )
 def test_the_command_line_exits_2_with_one_line(argv: list[str], error: str) -> None:
@@ -191,3 +224,27 @@ def test_help_groups_options_by_purpose() -> None:
     for group in ("broker:", "events:", "workers:", "metrics:", "HTTP endpoint:", "logging:"):
         assert f"\n{group}\n" in text
     assert "CELERY_EXPORTER_BROKER_URL" in text
+
+
+def test_hostname_rewrites_from_flags_environment_and_file(tmp_path: Path) -> None:
+    deployment, statefulset = r"^(celery@.+)-[0-9a-f]{8,10}-[0-9a-z]{5}$", r"^(celery@.+)-[0-9]+$"
+    path = tmp_path / "exporter.yaml"
+    path.write_text(
+        f"task_hostname_rewrite:\n  - {{pattern: '{deployment}', replacement: '\\1'}}\n"
+        f"  - {{pattern: '{statefulset}', replacement: '\\1'}}\n"
+    )
+    sources = {
+        "file": ([*BROKER, "--config", str(path)], {}),
+        "flags": ([*BROKER, "--task-hostname-rewrite", f"{deployment}=\\1",
+                   "--task-hostname-rewrite", f"{statefulset}=\\1"], {}),
+        "environment": (BROKER, {"CELERY_EXPORTER_TASK_HOSTNAME_REWRITE": json.dumps(
+            [{"pattern": deployment, "replacement": "\\1"},
+             {"pattern": statefulset, "replacement": "\\1"}])}),
+    }  # fmt: skip
+    for source, (argv, environ) in sources.items():
+        rules = config.load(argv, environ=environ).task_hostname_rewrite
+        rewrite = hostnames.rewriter(rules)
+        hosts = ("celery@web-7d9f8b6c4-x2kqp", "celery@reports-3", "celery@laptop")
+        expected = ["celery@web", "celery@reports", "celery@laptop"]
+        assert [rewrite(host) for host in hosts] == expected, source
+    assert config.load(BROKER, environ={}).task_hostname_label == "keep"

@@ -331,3 +331,16 @@ def test_variable_substitution() -> None:
         "a:celery_x:rate5m",
         "celery_z_bucket",
     }
+
+
+@pytest.mark.parametrize("name", DASHBOARDS)
+def test_every_selector_of_a_job_selects_the_broker_too(name: str) -> None:
+    """One release may run an exporter per broker (``broker`` static label); a release of
+    one has no such label, which ``broker=~".*"`` (All) matches too."""
+    dashboard = load(name)
+    broker = next(var for var in dashboard["templating"]["list"] if var["name"] == "broker")
+    assert broker["query"]["query"] == "label_values(celery_exporter_build_info, broker)"
+    assert (broker["multi"], broker["includeAll"], broker["allValue"]) == (True, True, ".*")
+    for where, expr in queries(dashboard):
+        assert expr.count('job=~"$job"') == expr.count('job=~"$job",broker=~"$broker"'), where
+        assert "by (job," not in expr.replace("by (job, broker", ""), where

@@ -14,6 +14,7 @@ import base64
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -811,3 +812,91 @@ def test_the_rendered_config_starts_the_daemon(chart: Any, scenario: str, tmp_pa
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(settings))
     load(["--config", str(path)], environ={"CELERY_EXPORTER_BROKER_URL": "redis://r:6379/0"})
+
+
+# ---------------------------------------------------------------- several brokers
+
+TWO_BROKERS: dict[str, Any] = {
+    "config": {"static_labels": {"cluster": "eu"}, "log_format": "json", "enable_events": True},
+    "serviceMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+    "brokers": [
+        {"name": "orders", "url": FAKE_BROKER_URL},
+        {"name": "billing", "existingSecret": "billing-broker", "existingSecretKey": "url",
+         "config": {"queues": ["invoices"], "task_hostname_label": "drop",
+                    "enable_events": False}},
+    ],
+}  # fmt: skip
+
+
+def test_two_brokers_render_a_deployment_each_with_its_secret_and_label(chart: Any) -> None:
+    docs = objects(chart, TWO_BROKERS)
+    assert kinds(docs) == ["ConfigMap", "ConfigMap", "Deployment", "Deployment", "PrometheusRule",
+                           "Secret", "Service", "ServiceAccount", "ServiceMonitor"]  # fmt: skip
+    service = one(docs, "Service")
+    for name, secret, key in (("orders", f"{FULLNAME}-orders-broker", "broker-url"),
+                              ("billing", "billing-broker", "url")):  # fmt: skip
+        deployment = one(docs, "Deployment", f"{FULLNAME}-{name}")
+        pod = deployment["spec"]["template"]
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector["celery-events-exporter/broker"] == name
+        assert selector.items() <= pod["metadata"]["labels"].items()
+        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        ref = env["CELERY_EXPORTER_BROKER_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": secret, "key": key}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["config"]["configMap"]["name"] == f"{FULLNAME}-{name}"
+        settings = yaml.safe_load(
+            one(docs, "ConfigMap", f"{FULLNAME}-{name}")["data"]["config.yaml"]
+        )
+        assert settings["static_labels"] == {"cluster": "eu", "broker": name}
+        assert settings["log_format"] == "json"
+    billing = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-billing")["data"]["config.yaml"])
+    assert (billing["queues"], billing["task_hostname_label"]) == (["invoices"], "drop")
+    assert billing["enable_events"] is False  # a broker's own keys win, false included
+    secret = one(docs, "Secret", f"{FULLNAME}-orders-broker")
+    assert base64.b64decode(secret["data"]["broker-url"]).decode() == FAKE_BROKER_URL
+    selector = one(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    assert (
+        "celery-events-exporter/broker" not in selector and selector == service["spec"]["selector"]
+    )
+
+
+def test_two_brokers_lint_clean_and_render_valid_manifests(chart: Any, tmp_path: Path) -> None:
+    report = helm.lint(CHART_DIR, TWO_BROKERS, strict=True, kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], json.dumps(report, indent=2)
+    for doc in objects(chart, TWO_BROKERS):
+        if doc["kind"] in CRD_KINDS:
+            check_crd(doc)
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        if doc["kind"] == "ConfigMap":  # each exporter's config starts the daemon
+            path = tmp_path / f"{doc['metadata']['name']}.yaml"
+            path.write_text(doc["data"]["config.yaml"])
+            load(["--config", str(path)], environ={"CELERY_EXPORTER_BROKER_URL": "redis://r/0"})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"brokers": [{"name": "a", "url": FAKE_BROKER_URL}, {"name": "a", "existingSecret": "s"}]},
+         'brokers: the name "a" is given twice'),
+        ({"broker": {"url": FAKE_BROKER_URL}, "brokers": [{"name": "a", "existingSecret": "s"}]},
+         "set either broker (one broker) or brokers (several), not both"),
+    ],
+)  # fmt: skip
+def test_broker_mistakes_fail_the_rendering(chart: Any, values: dict, message: str) -> None:
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render(chart, values)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [{"url": FAKE_BROKER_URL}, {"name": "Orders!", "url": FAKE_BROKER_URL}, {"name": "a"},
+     {"name": "a", "existingSecret": "s", "config": {"not_a_daemon_key": 1}}],
+)  # fmt: skip
+def test_schema_refuses_bad_brokers(chart: Any, entry: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(chart.merge_values({"brokers": [entry]}))

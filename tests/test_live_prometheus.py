@@ -54,7 +54,10 @@ TIMEOUT = 30.0  # seconds any one condition may take to show in Prometheus
 # Dashboard variables: the concrete job and task; the built-ins as Grafana
 # would set them for a 1 h range on a 15 s scrape; any other one (queue,
 # hostname, instance) becomes ".*" inside its regex matcher.
-VARIABLES = {"job": JOB, "task": TASK, "__rate_interval": "1m", "__interval": "15s"}
+# broker reads All (".*", its allValue), which matches this exporter's series: they
+# have no broker label, as with one broker.
+VARIABLES = {"job": JOB, "task": TASK, "broker": ".*", "__rate_interval": "1m",
+             "__interval": "15s"}  # fmt: skip
 ALL_TARGETS: tuple[str, ...] = ()
 # (dashboard uid, panel title) -> refIds that must return data, ALL_TARGETS
 # for every one. The throughput panels also plot retried, rejected and revoked
@@ -234,8 +237,9 @@ def wait_for_rules(prometheus: Prometheus) -> None:
              f"recording rules not evaluated since {now}: {probe}")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["keep", "drop"])
 def live(
+    request: pytest.FixtureRequest,
     redis_server: RedisServer,
     module_worker_factory: WorkerFactory,
     tmp_path_factory: pytest.TempPathFactory,
@@ -247,8 +251,10 @@ def live(
     only when Prometheus has scraped both series, so it shows as an increase.
     """
     broker_url = redis_server.url_for(REDIS_DB)  # its own database: its own event channel
+    # Every dashboard and rule runs on task series with and without the worker (drop).
     exporter = ExporterProcess(["--broker-url", broker_url, "--worker-timeout", "3",
-                                "--queue-poll-interval", "1"])  # fmt: skip
+                                "--queue-poll-interval", "1",
+                                "--task-hostname-label", request.param])  # fmt: skip
     prometheus = None
     try:
         exporter.wait_serving()
@@ -346,6 +352,13 @@ def test_core_panel_shows_data(live: Live, uid: str, title: str) -> None:
 def test_failure_burst_raises_failure_ratio_alert(live: Live) -> None:
     wait_for_alert(live.prometheus, "CeleryTaskFailureRatioHigh", name=FAILING_TASK)
     assert live.prometheus.alerts("CeleryTaskFailureRatioHigh", name=TASK) == []
+
+
+def test_the_dashboards_work_without_a_broker_label(live: Live) -> None:
+    assert live.prometheus.query('celery_exporter_build_info{broker!=""}') == []
+    (_, expr), *_ = panel_targets("celery-task", "Succeeded")
+    assert 'broker=~"$broker"' in expr
+    assert has_data(live.prometheus.query(substitute_variables(expr, VARIABLES)))
 
 
 def test_exporter_scraped_and_connected(live: Live) -> None:

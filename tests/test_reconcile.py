@@ -315,14 +315,18 @@ def test_a_countdown_task_is_scheduled_until_its_eta_then_waits_from_it() -> Non
     assert total == pytest.approx(0.2)
 
 
-def test_a_retry_with_a_countdown_is_scheduled_and_its_wait_runs_from_its_eta() -> None:
+@pytest.mark.parametrize("retried_first", [True, False], ids=["retried first", "received first"])
+def test_a_retry_with_a_countdown_is_scheduled_and_its_wait_runs_from_its_eta(
+    retried_first: bool,
+) -> None:
+    """Celery reports the retry when the pool hands it back: the retry's own delivery
+    may be received before it."""
     scene = Scene()
     scene.feed(received("a", "app.add", 100.0), started("a", 100.0), arrival=100.0)
-    scene.feed(
-        event("task-retried", 100.5, uuid="a", exception="RuntimeError('again')"),
-        received("a", "app.add", 100.6, eta="1970-01-01T00:04:40.500000+00:00", retries=1),
-        arrival=100.6,
-    )  # retried with the default countdown, 180 s
+    retried = event("task-retried", 100.55, uuid="a", exception="RuntimeError('again')")
+    delivery = received("a", "app.add", 100.5, eta="1970-01-01T00:04:40.500000+00:00", retries=1)
+    # retried with the default countdown, 180 s
+    scene.feed(*((retried, delivery) if retried_first else (delivery, retried)), arrival=100.6)
     scene.feed(heartbeat("celery@w1", 101.0), arrival=101.0)
     assert scene.value("celery_worker_tasks_scheduled", **W1) == 1
     assert scene.value("celery_worker_tasks_prefetched", **W1) == 0
@@ -331,6 +335,8 @@ def test_a_retry_with_a_countdown_is_scheduled_and_its_wait_runs_from_its_eta() 
     assert scene.value("celery_worker_tasks_scheduled", **W1) == 0
     assert scene.value("celery_task_prefetch_wait_seconds_count", **ADD) == 2
     assert scene.value("celery_task_prefetch_wait_seconds_sum", **ADD) == pytest.approx(0.1)
+    scene.tracker.tick(281.0)
+    assert scene.value("celery_task_running", **ADD) == 1  # the retry runs, and only it
 
 
 def test_an_eta_already_past_at_receipt_is_prefetched() -> None:

@@ -39,6 +39,7 @@ from ..config import Config
 from ..decode import (
     CONTENT_TYPE,
     MALFORMED,
+    MAX_BODY_BYTES,
     MISSING_FIELD,
     TOO_LARGE,
     WRONG_TYPE,
@@ -57,8 +58,9 @@ log = logging.getLogger(__name__)
 
 STATS, ACTIVE_QUEUES = "stats", "active_queues"
 COMMANDS = (STATS, ACTIVE_QUEUES, *reconcile.COMMANDS)
-MAX_REPLY_BYTES = 16 << 20
-"""A reply lists a worker's tasks with their arguments: larger than any event may be."""
+MAX_TASKS_REPLY_BYTES = 16 << 20
+"""A reply to active, reserved or scheduled lists a worker's tasks with their arguments:
+larger than an event, or another command's reply, may be."""
 BROKER, TIMEOUT = "broker", "timeout"
 """Reasons for celery_exporter_inspect_errors_total: the broadcast or the collection
 failed, or a worker whose heartbeats arrive did not answer in time."""
@@ -114,7 +116,8 @@ class Round:
     def on_reply(self, command: str, message: Message) -> bool:
         """Apply one reply message; True once every expected worker answered every command."""
         try:
-            payloads = decode_body(message.body, message.content_type, MAX_REPLY_BYTES)
+            limit = MAX_TASKS_REPLY_BYTES if command in reconcile.COMMANDS else MAX_BODY_BYTES
+            payloads = decode_body(message.body, message.content_type, limit)
         except InvalidMessage as exc:
             self.invalid(exc.reason)
             payloads = []

@@ -11,6 +11,7 @@ dict operation and a scrape independent of the broker.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -197,6 +198,14 @@ METRICS: tuple[MetricSpec, ...] = (
 
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
 
+TASK_HOST_FAMILIES = tuple(
+    spec.name
+    for spec in METRICS
+    if spec.name.startswith("celery_task_") and "hostname" in spec.labels
+)
+"""Task families labelled by worker (always their second label): what --task-hostname-label
+and --task-hostname-rewrite change."""
+
 LabelValues = tuple[str, ...]
 
 
@@ -257,6 +266,30 @@ class Histogram:
             cumulative += count
             buckets.append((edge, cumulative))
         return buckets, series[-1]
+
+
+class HostlessCounter(Counter):
+    """A task family with --task-hostname-label drop: stored without its ``hostname``, so
+    one series sums every worker's. The tracker's keys still name the worker."""
+
+    def inc(self, labels: LabelValues = (), amount: float = 1.0) -> None:
+        key = labels[:1] + labels[2:]
+        values = self.values
+        values[key] = values.get(key, 0.0) + amount
+
+
+class RewrittenHostCounter(Counter):
+    """A task family with --task-hostname-rewrite: its ``hostname`` mapped through
+    ``hosts`` (``exporter.track.hostnames.TaskHosts``), one dict lookup an increment."""
+
+    def __init__(self, spec: MetricSpec, hosts: Mapping[str, str]) -> None:
+        super().__init__(spec)
+        self.hosts = hosts
+
+    def inc(self, labels: LabelValues = (), amount: float = 1.0) -> None:
+        key = (labels[0], self.hosts[labels[1]], *labels[2:])
+        values = self.values
+        values[key] = values.get(key, 0.0) + amount
 
 
 Family = Counter | Gauge | Histogram
@@ -349,7 +382,7 @@ class Metrics(Collector):
 
     def counter(self, name: str) -> Counter:
         family = self.families[name]
-        assert type(family) is Counter, name
+        assert isinstance(family, Counter) and not isinstance(family, Gauge), name
         return family
 
     def gauge(self, name: str) -> Gauge:
@@ -369,10 +402,22 @@ class Metrics(Collector):
             store = self.exemplars[name] = Exemplars(self.histogram(name).bounds)
         return store
 
+    def fold_task_hostname(self, hosts: Mapping[str, str] | None) -> None:
+        """Store the task families' ``hostname`` through ``hosts`` (a rewrite), or not at all
+        (None: drop). Once, before the first event: the tracker's counters are these."""
+        for name in TASK_HOST_FAMILIES:
+            spec = self.families[name].spec
+            if hosts is None:
+                labels = tuple(label for label in spec.labels if label != "hostname")
+                self.families[name] = HostlessCounter(dataclasses.replace(spec, labels=labels))
+            else:
+                self.families[name] = RewrittenHostCounter(spec, hosts)
+
     def forget(self, label: str, value: str) -> None:
-        """Drop every series whose ``label`` is ``value`` (a purged worker)."""
+        """Drop every series whose ``label`` is ``value`` (a purged worker). Rewritten task
+        series stay: other workers count in them too."""
         for family in self.families.values():
-            if label in family.spec.labels:
+            if label in family.spec.labels and not isinstance(family, RewrittenHostCounter):
                 index = family.spec.labels.index(label)
                 for key in [key for key in list(family.values) if key[index] == value]:
                     family.values.pop(key, None)

@@ -12,11 +12,12 @@ import heapq
 import logging
 import re
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from ..telemetry.metrics import Counter, Gauge, LabelValues, Metrics
+from .hostnames import DROP, KEEP, Rewrite, TaskHosts, rewriter
 from .labels import OTHER, LabelLimiter
 from .missed import MissedEvents
 from .workers import WorkerTracker
@@ -116,6 +117,8 @@ class Tracker:
         max_label_values: int,
         spans: SpanHooks | None = None,
         on_failure: TaskHandler | None = None,
+        task_hostname_label: str = KEEP,
+        task_hostname_rewrite: Sequence[Rewrite] = (),
         flower: FlowerHooks | None = None,
     ) -> None:
         self.metrics = metrics
@@ -132,6 +135,9 @@ class Tracker:
         )
         self.label = LabelLimiter(
             max_label_values, metrics.counter("celery_exporter_label_values_folded_total")
+        )
+        self._task_hosts = self._fold_task_hostname(
+            task_hostname_label, task_hostname_rewrite, max_label_values
         )
         self._queue_by_name: dict[str, str] = {}
         self._prefetched: dict[str, int] = {}
@@ -231,6 +237,8 @@ class Tracker:
             self._scheduled.pop(hostname, None)
             self._missed.forget(hostname)
             self.metrics.forget("hostname", hostname)
+            if self._task_hosts is not None:
+                self._task_hosts.pop(hostname, None)
             if self.flower is not None:
                 self.flower.forget(hostname)
             self.label.release("hostname", hostname)
@@ -252,6 +260,21 @@ class Tracker:
     def queues_seen(self) -> set[str]:
         """Queues named by task-sent events, for the queue probes; safe from any thread."""
         return set(list(self._queue_by_name.values())) - {OTHER}
+
+    def _fold_task_hostname(
+        self, mode: str, rules: Sequence[Rewrite], max_label_values: int
+    ) -> TaskHosts | None:
+        """Set the task families' ``hostname`` up, once: kept as it is (nothing changes
+        per event), rewritten (a cached lookup per event) or dropped."""
+        if mode == DROP:
+            self.metrics.fold_task_hostname(None)
+        elif rules:
+            folded = self.metrics.counter("celery_exporter_label_values_folded_total")
+            limiter = LabelLimiter(max_label_values, folded)
+            hosts = TaskHosts(rewriter(rules), lambda value: limiter("hostname", value))
+            self.metrics.fold_task_hostname(hosts)
+            return hosts
+        return None
 
     # Task table.
 
@@ -536,10 +559,14 @@ class Tracker:
             )
 
     def _on_retried(self, task: Task, event: Event) -> None:
-        self.unprefetch(task)
+        # The worker reports the retry once the pool hands it back, often after the
+        # retry's own delivery was received: that delivery stays waiting.
+        received, started = task.received, task.started
+        if received is None or started is None or received <= started:
+            self.unprefetch(task)
+            task.received = None
         if task.running is not None:
             self.stop_running(event["uuid"], task)
-        task.received = None
         hostname = self.label("hostname", event["hostname"])
         exception = self.label("exception", exception_class(event.get("exception")))
         self._retried.inc((task.name, hostname, task.queue, exception))

@@ -37,6 +37,9 @@ between releases (chart or app version) may appear here.
 {{- define "celery-events-exporter.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "celery-events-exporter.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- with .Values.exporterName }}
+celery-events-exporter/broker: {{ . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -91,7 +94,7 @@ Empty when no broker is configured.
 {{- if .Values.broker.existingSecret }}
 {{- .Values.broker.existingSecret }}
 {{- else if .Values.broker.url }}
-{{- printf "%s-broker" (include "celery-events-exporter.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-broker" (include "celery-events-exporter.exporterFullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 
@@ -131,5 +134,52 @@ Sanity checks that a JSON schema cannot express well.
 {{- end }}
 {{- if hasKey (.Values.config | default dict) "broker_url" }}
 {{- fail "config.broker_url is not allowed: the broker URL is a secret, set broker.url or broker.existingSecret" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The values of each exporter to run, as a YAML list: one per entry of brokers
+(its own broker; its config over the shared one, key by key, with the static
+label broker=<name>; and exporterName), or the chart's values as they are
+when brokers is empty. A template ranges over them with a root context of its
+own (dict "Values" it "Release" $.Release "Chart" $.Chart "Capabilities"
+$.Capabilities), so it reads one exporter's settings the same way in both
+cases. Two brokers of the same name fail the rendering.
+*/}}
+{{- define "celery-events-exporter.exporters" -}}
+{{- if and .Values.brokers (or .Values.broker.url .Values.broker.existingSecret) }}
+{{- fail "set either broker (one broker) or brokers (several), not both" }}
+{{- end }}
+{{- $exporters := list }}
+{{- $seen := dict }}
+{{- range .Values.brokers }}
+{{- if hasKey $seen .name }}
+{{- fail (printf "brokers: the name %q is given twice: each broker needs a name of its own" .name) }}
+{{- end }}
+{{- $_ := set $seen .name true }}
+{{- $values := deepCopy $.Values }}
+{{- $config := deepCopy ($.Values.config | default dict) }}
+{{- range $key, $value := .config }}
+{{- $_ := set $config $key $value }}
+{{- end }}
+{{- $_ := set $config "static_labels" (mergeOverwrite (deepCopy ($config.static_labels | default dict)) (dict "broker" .name)) }}
+{{- $_ := set $values "config" $config }}
+{{- $_ := set $values "broker" (dict "url" (.url | default "") "existingSecret" (.existingSecret | default "") "existingSecretKey" (.existingSecretKey | default "broker-url")) }}
+{{- $_ := set $values "exporterName" .name }}
+{{- $exporters = append $exporters $values }}
+{{- end }}
+{{- toYaml (default (list .Values) $exporters) }}
+{{- end }}
+
+{{/*
+Name of one exporter's Deployment, ConfigMap and broker Secret: the fullname,
+then the broker's name when the release runs several.
+*/}}
+{{- define "celery-events-exporter.exporterFullname" -}}
+{{- $fullname := include "celery-events-exporter.fullname" . }}
+{{- if .Values.exporterName }}
+{{- printf "%s-%s" $fullname .Values.exporterName | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $fullname }}
 {{- end }}
 {{- end }}
