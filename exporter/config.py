@@ -403,6 +403,13 @@ class Config:
         parse=integer(0, 10_000),
         metavar="N",
     )
+    flower_metrics: bool = option(
+        False,
+        "Also serve Flower 2.x's metric families (flower_events_total, ...) under Flower's "
+        "names and labels, for dashboards and checks made for Flower's /metrics.",
+        group=METRICS,
+        parse=_boolean,
+    )
     otlp_traces: bool = option(
         False,
         "Export OpenTelemetry spans of tasks (a publish, each execution) over OTLP, "

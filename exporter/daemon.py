@@ -22,6 +22,7 @@ from .probes.inspection import Inspector
 from .probes.periodic import Periodic
 from .probes.queues import QueuePoller
 from .telemetry.exposition import Registry
+from .telemetry.flower import FlowerMetrics
 from .telemetry.metrics import Metrics
 from .track.pipeline import UNPROCESSABLE, Pipeline
 from .track.tracker import SpanHooks, Tracker
@@ -60,6 +61,7 @@ class Daemon:
             runtime_buckets=config.runtime_buckets,
             wait_buckets=config.wait_buckets,
             static_labels=config.static_labels,
+            flower_metrics=config.flower_metrics,
         )
         metrics.gauge("celery_exporter_build_info").set((__version__,), 1)
         for reason in (*REASONS, UNPROCESSABLE, PROTOCOL):
@@ -71,6 +73,7 @@ class Daemon:
         registry.register(PlatformCollector(registry=None))
         health = Health(metrics, config.masked_broker_url())
         failures = FailureRing(config.recent_failures) if config.recent_failures else None
+        flower = FlowerMetrics(metrics, config.max_tracked_tasks) if config.flower_metrics else None
         tracker = Tracker(
             metrics,
             max_tracked_tasks=config.max_tracked_tasks,
@@ -82,6 +85,7 @@ class Daemon:
             on_failure=failures.record if failures else None,
             task_hostname_label=config.task_hostname_label,
             task_hostname_rewrite=config.task_hostname_rewrite,
+            flower=flower,
         )
         history = History(metrics, health)
         pipeline = Pipeline(tracker, health, metrics, on_tick=history.sample)

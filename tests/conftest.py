@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # so that "tests.celery_app" imports however pytest is run
     sys.path.insert(0, str(ROOT))
 
-from tests.harness import WORKER_TIMEOUT, InProcessExporter  # noqa: E402
-from tests.servers import RabbitMQServer, RedisServer, wait_for  # noqa: E402
+from tests.harness import WORKER_TIMEOUT, InProcessExporter, connected_exporter  # noqa: E402
+from tests.servers import RabbitMQServer, RedisServer  # noqa: E402
 from tests.workers import READY_TIMEOUT, CeleryWorker, WorkerFactory  # noqa: E402
 
 
@@ -80,13 +80,8 @@ def broker(request: pytest.FixtureRequest) -> RedisServer | RabbitMQServer:
 @pytest.fixture
 def exporter(broker: RedisServer | RabbitMQServer) -> Iterator[InProcessExporter]:
     """An in-process exporter on ``broker``, connected, with a short worker timeout."""
-    running = InProcessExporter(
+    running = connected_exporter(
         ["--broker-url", broker.url, "--worker-timeout", str(WORKER_TIMEOUT)]
-    )
-    wait_for(
-        lambda: running.sample("celery_exporter_broker_connected") == 1,
-        timeout=20,
-        message="exporter never connected",
     )
     yield running
     running.stop()

@@ -63,6 +63,17 @@ class InProcessExporter:
         self.server.server_close()
 
 
+def connected_exporter(argv: Sequence[str], timeout: float = 20.0) -> InProcessExporter:
+    """An ``InProcessExporter`` on ``argv``, once it is connected to the broker."""
+    running = InProcessExporter(argv)
+    wait_for(
+        lambda: running.sample("celery_exporter_broker_connected") == 1,
+        timeout=timeout,
+        message="exporter never connected",
+    )
+    return running
+
+
 def scrape(url: str, path: str = "/metrics", timeout: float = 5.0) -> str:
     with urllib.request.urlopen(url + path, timeout=timeout) as response:
         return response.read().decode()

@@ -213,7 +213,9 @@ def test_the_readme_documents_every_option_and_metric() -> None:
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"^\| `([a-z_]+)` \| `--", readme, re.MULTILINE))
     assert documented == {spec.name for spec in config.Config.options()}
-    metrics = set(re.findall(r"^\| `(celery_[a-z_]+)` \|", readme, re.MULTILINE))
+    metrics = set(
+        re.findall(r"^\| `((?:celery|flower)_[a-z_]+)` \| [a-z]+ \|", readme, re.MULTILINE)
+    )
     assert metrics == {spec.name for spec in METRICS}
 
 

@@ -72,7 +72,7 @@ CONFIG_KEYS = {
     "default_queue", "runtime_buckets", "wait_buckets", "static_labels", "worker_timeout",
     "purge_offline_after", "queues", "queue_poll_interval", "enable_events",
     "enable_events_interval", "otlp_traces", "trace_sample_ratio", "max_label_values",
-    "web_config_file", "inspect_interval", "inspect_timeout",
+    "web_config_file", "inspect_interval", "inspect_timeout", "flower_metrics",
 }  # fmt: skip
 
 # prometheus-operator kinds are CRDs: kubernetes-validate has no schema for them,

@@ -25,6 +25,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 
@@ -36,6 +37,13 @@ DEFAULT_RUNTIME_BUCKETS = (
 DEFAULT_WAIT_BUCKETS = DEFAULT_RUNTIME_BUCKETS
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+FLOWER_RUNTIME_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+"""Flower's default ``--task_runtime_metric_buckets`` (prometheus_client's defaults)."""
+CREATED = "_created"
+FLOWER = "flower_"
+"""The prefix of Flower's families, served only with ``--flower-metrics``."""
 
 TASK = ("name", "hostname", "queue")
 TASK_EXC = ("name", "hostname", "queue", "exception")
@@ -161,6 +169,31 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("celery_exporter_spans_total", COUNTER,
                "Spans exported, dropped (queue full, collector refused or unreachable) "
                "or retried, with --otlp-traces.", ("outcome",)),
+    # Flower 2.x's families under Flower's names and labels, with --flower-metrics only.
+    MetricSpec("flower_events_total", COUNTER,
+               "Task events, by worker (the client's hostname for task-sent), type and task "
+               "name, as Flower counts them.", ("worker", "type", "task")),
+    MetricSpec("flower_events_created", GAUGE,
+               "Unix time each flower_events_total series began, as Flower's prometheus_client "
+               "serves it.", ("worker", "type", "task")),
+    MetricSpec("flower_task_runtime_seconds", HISTOGRAM,
+               "Run time of succeeded tasks as the worker reports it, in Flower's buckets.",
+               ("worker", "task")),
+    MetricSpec("flower_task_runtime_seconds_created", GAUGE,
+               "Unix time each flower_task_runtime_seconds series began, as Flower's "
+               "prometheus_client serves it.", ("worker", "task")),
+    MetricSpec("flower_task_prefetch_time_seconds", GAUGE,
+               "task-received to task-started of the last task of the name to start there, "
+               "0 once it finished (tasks without an ETA), as Flower sets it.",
+               ("worker", "task")),
+    MetricSpec("flower_worker_prefetched_tasks", GAUGE,
+               "Tasks without an ETA received and not yet started, as Flower counts them.",
+               ("worker", "task")),
+    MetricSpec("flower_worker_online", GAUGE,
+               "1 from the worker's last worker-online or heartbeat, 0 from worker-offline.",
+               ("worker",)),
+    MetricSpec("flower_worker_number_of_currently_executing_tasks", GAUGE,
+               "Tasks executing on the worker, from its last heartbeat.", ("worker",)),
 )  # fmt: skip
 
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
@@ -307,6 +340,7 @@ class Metrics(Collector):
         runtime_buckets: Sequence[float] = DEFAULT_RUNTIME_BUCKETS,
         wait_buckets: Sequence[float] = DEFAULT_WAIT_BUCKETS,
         static_labels: Mapping[str, str] | None = None,
+        flower_metrics: bool = False,
     ) -> None:
         buckets = {
             "celery_task_runtime_seconds": runtime_buckets,
@@ -316,18 +350,31 @@ class Metrics(Collector):
             "celery_exporter_event_lag_seconds": LAG_BUCKETS,
             "celery_exporter_queue_probe_duration_seconds": PROBE_BUCKETS,
             "celery_exporter_inspect_duration_seconds": PROBE_BUCKETS,
+            "flower_task_runtime_seconds": FLOWER_RUNTIME_BUCKETS,
         }
         self.static_labels = dict(static_labels or {})
         self.families: dict[str, Family] = {}
         self.exemplars: dict[str, Exemplars] = {}
         """Per histogram, when something (traces) records exemplars for it."""
         for spec in METRICS:
+            if spec.name.startswith(FLOWER) and not flower_metrics:
+                continue  # absent, not empty, when off
             if spec.kind == HISTOGRAM:
                 self.families[spec.name] = Histogram(spec, buckets[spec.name])
             elif spec.kind == GAUGE:
                 self.families[spec.name] = Gauge(spec)
             else:
                 self.families[spec.name] = Counter(spec)
+        self.created: dict[str, Gauge] = {
+            parent: family
+            for name, family in self.families.items()
+            if name.endswith(CREATED) and type(family) is Gauge
+            for parent in (name.removesuffix(CREATED) + "_total", name.removesuffix(CREATED))
+            if parent in self.families
+        }
+        """The start times of a family's series, in a gauge family named after it (Flower's
+        ``flower_events_created``): the text format serves them as a family of their own,
+        as prometheus_client does, OpenMetrics as the family's ``_created`` samples."""
         # Families without labels exist from the start, so they read 0, not absent.
         for family in self.families.values():
             if not family.spec.labels and not isinstance(family, Histogram):
@@ -378,21 +425,28 @@ class Metrics(Collector):
     def collect(self) -> Iterator[Metric]:
         extra_names = tuple(self.static_labels)
         extra_values = tuple(self.static_labels.values())
+        folded = set(self.created.values())
         for family in self.families.values():
+            if family in folded:
+                continue  # served as the _created samples of its family
             spec = family.spec
             labels = list(spec.labels + extra_names)
             # Copy first: the event thread may add series while we render.
             items = list(family.values.items())
+            created = self.created.get(spec.name)
+            starts = dict(created.values) if created is not None else {}
             if isinstance(family, Histogram):
                 exemplars = self.exemplars.get(spec.name)
-                yield _histogram_family(family, labels, items, extra_values, exemplars)
+                yield _histogram_family(family, labels, items, extra_values, exemplars, starts)
                 continue
             if isinstance(family, Gauge):
                 metric: Metric = GaugeMetricFamily(spec.name, spec.help, labels=labels)
+                for key, value in items:
+                    metric.add_metric(key + extra_values, value)
             else:
                 metric = CounterMetricFamily(spec.name[: -len("_total")], spec.help, labels=labels)
-            for key, value in items:
-                metric.add_metric(key + extra_values, value)
+                for key, value in items:
+                    metric.add_metric(key + extra_values, value, created=starts.get(key))
             yield metric
 
 
@@ -402,6 +456,7 @@ def _histogram_family(
     items: Iterable[tuple[LabelValues, list[float]]],
     extra_values: LabelValues,
     exemplars: Exemplars | None = None,
+    starts: Mapping[LabelValues, float] | None = None,
 ) -> HistogramMetricFamily:
     metric = HistogramMetricFamily(family.spec.name, family.spec.help, labels=labels)
     for key, series in items:
@@ -412,6 +467,9 @@ def _histogram_family(
                 for (edge, count), exemplar in zip(buckets, exemplars.of(key), strict=True)
             ]
         metric.add_metric(list(key + extra_values), buckets, total)
+        if starts and key in starts:  # add_metric takes no start time for histograms
+            label_set = dict(zip(labels, key + extra_values, strict=True))
+            metric.samples.append(Sample(f"{family.spec.name}{CREATED}", label_set, starts[key]))
     return metric
 
 

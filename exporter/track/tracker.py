@@ -14,7 +14,7 @@ import re
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..telemetry.metrics import Counter, Gauge, LabelValues, Metrics
 from .hostnames import DROP, KEEP, Rewrite, TaskHosts, rewriter
@@ -74,6 +74,7 @@ TaskHandler = Callable[[Task, Event], None]
 """Applies a task event to the task's record (from the table, or made for it)."""
 WorkerHandler = Callable[[Event, float], None]
 Hook = TaskHandler
+A, B = TypeVar("A"), TypeVar("B")
 
 
 class SpanHooks(Protocol):
@@ -92,6 +93,16 @@ class SpanHooks(Protocol):
         """Export what is pending: the daemon is stopping."""
 
 
+class FlowerHooks(Protocol):
+    """What the tracker calls when Flower's families are on (``exporter.telemetry.flower``)."""
+
+    def hooks(self, label: LabelLimiter) -> tuple[Mapping[str, Hook], Mapping[str, WorkerHandler]]:
+        """A hook per task event type and per worker event type, bounded by ``label``."""
+
+    def forget(self, hostname: str) -> None:
+        """The worker was purged: drop its series."""
+
+
 class Tracker:
     """Applies each event to the task table, the workers and the metrics."""
 
@@ -108,9 +119,11 @@ class Tracker:
         on_failure: TaskHandler | None = None,
         task_hostname_label: str = KEEP,
         task_hostname_rewrite: Sequence[Rewrite] = (),
+        flower: FlowerHooks | None = None,
     ) -> None:
         self.metrics = metrics
         self.spans = spans
+        self.flower = flower
         self.max_tracked_tasks = max_tracked_tasks
         self.default_queue = default_queue
         self.tasks: OrderedDict[str, Task] = OrderedDict()
@@ -182,6 +195,8 @@ class Tracker:
             self._trace(spans)
         if on_failure is not None:  # chained once, like the span hooks: off costs nothing
             self._on_task["task-failed"] = _then(self._on_task["task-failed"], on_failure)
+        if flower is not None:
+            self._chain_flower(flower)
 
     def handle(self, event: Event, arrival: float) -> None:
         """Apply one event that passed ``decode.check_event``."""
@@ -224,6 +239,8 @@ class Tracker:
             self.metrics.forget("hostname", hostname)
             if self._task_hosts is not None:
                 self._task_hosts.pop(hostname, None)
+            if self.flower is not None:
+                self.flower.forget(hostname)
             self.label.release("hostname", hostname)
         held = self._held
         while held:
@@ -358,6 +375,14 @@ class Tracker:
         """Chain the span hooks to the task handlers, once: untraced, events pay nothing."""
         for kind, hook in spans.hooks().items():
             self._on_task[kind] = _then(self._on_task[kind], hook)
+
+    def _chain_flower(self, flower: FlowerHooks) -> None:
+        """Chain Flower's hooks to the task and worker handlers, once: off, events pay nothing."""
+        task_hooks, worker_hooks = flower.hooks(self.label)
+        for kind, hook in task_hooks.items():
+            self._on_task[kind] = _then(self._on_task[kind], hook)
+        for kind, worker_hook in worker_hooks.items():
+            self._on_worker[kind] = _then(self._on_worker[kind], worker_hook)
 
     def _name(self, task: Task, name: str | None) -> None:
         """Record the task's name; its queue, unless task-sent gave one, follows it."""
@@ -590,10 +615,10 @@ def _decrement(counts: dict[str, int], gauge: Gauge, hostname: str) -> None:
         gauge.set((hostname,), count - 1)
 
 
-def _then(handler: TaskHandler, hook: Hook) -> TaskHandler:
-    """The handler, then the span hook, on the same record."""
+def _then(handler: Callable[[A, B], None], hook: Callable[[A, B], None]) -> Callable[[A, B], None]:
+    """The handler, then the hook, on the same record (or worker event) and event."""
 
-    def traced(task: Task, event: Event) -> None:
+    def traced(task: A, event: B) -> None:
         handler(task, event)
         hook(task, event)
 
