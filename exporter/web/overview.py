@@ -183,8 +183,13 @@ class FailureRing:
             key = (failure["name"], failure["exception"])
             group = groups.get(key)
             if group is None:
-                groups[key] = {"name": key[0], "exception": key[1], "count": 1,
-                               "first": failure["time"], "latest": failure}  # fmt: skip
+                groups[key] = {
+                    "name": key[0],
+                    "exception": key[1],
+                    "count": 1,
+                    "first": failure["time"],
+                    "latest": failure,
+                }
             else:
                 group["count"] += 1
                 group["latest"] = failure
@@ -380,10 +385,12 @@ class Overview:
 
     def _failure_groups(self, now: float) -> dict[str, Any]:
         ring = self.failures
-        if ring is None:
-            return {"enabled": False, "capacity": 0, "window_seconds": WINDOW_SECONDS, "items": []}
-        return {"enabled": True, "capacity": ring.capacity, "window_seconds": WINDOW_SECONDS,
-                "items": ring.groups(now - WINDOW_SECONDS)}  # fmt: skip
+        return {
+            "enabled": ring is not None,
+            "capacity": ring.capacity if ring else 0,
+            "window_seconds": WINDOW_SECONDS,
+            "items": ring.groups(now - WINDOW_SECONDS) if ring else [],
+        }
 
 
 def resident_memory() -> int | None:

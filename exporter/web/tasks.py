@@ -188,8 +188,8 @@ def describe_task(uuid: str, task: Task) -> dict[str, Any]:
         times = [(task.sent, "sent"), (task.received, "received"), (started, "started")]
         if retry is not None:
             times.append((retry["timestamp"], "retried"))
-        state = max(((stamp, name) for stamp, name in times if stamp is not None),
-                    default=(0.0, "received"))[1]  # fmt: skip
+        known = [(stamp, name) for stamp, name in times if stamp is not None]
+        state = max(known)[1] if known else "received"
         worker = task.worker or task.prefetched_on
         ended = None
     runtime = None

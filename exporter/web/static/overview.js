@@ -212,7 +212,7 @@
       item.dataset.uuid = latest.uuid;
       const line = element("div");
       line.append(
-        element("span", `${count(group.count)}×`, "count"),
+        element("span", count(group.count), "count"),
         element("span", group.exception, "exception"),
         document.createTextNode(" "),
         element("span", latest.message, "message"),
