@@ -3,8 +3,6 @@ real worker whose result backend (Redis, with extended results) says what really
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from celery.result import AsyncResult
 from selenium.webdriver.chrome.webdriver import WebDriver
@@ -14,25 +12,11 @@ from exporter.web.overview import quantile
 from tests.celery_app import HOSTILE_NAME, make_app
 from tests.harness import InProcessExporter, parse, scrape
 from tests.servers import RedisServer, wait_for
-from tests.test_overview_page import console_errors, start_browser, text
+from tests.test_overview_page import browser, console_errors, exporter, text
 from tests.workers import CeleryWorker, WorkerFactory
 
 RESULT_DB = 1
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    driver = start_browser()
-    yield driver
-    driver.quit()
-
-
-@pytest.fixture
-def exporter(clean_redis: RedisServer) -> Iterator[InProcessExporter]:
-    running = InProcessExporter(["--broker-url", clean_redis.url])
-    wait_for(lambda: running.sample("celery_exporter_broker_connected") == 1, timeout=20)
-    yield running
-    running.stop()
+__all__ = ["browser", "exporter"]  # the page tests' fixtures, shared
 
 
 @pytest.fixture

@@ -60,6 +60,18 @@ def _growth(before: Sequence[float], after: Sequence[float]) -> list[float]:
     return [max(0.0, late - early) for early, late in zip(before, after, strict=True)]
 
 
+def _intervals(samples: Sequence[Any]) -> tuple[list[tuple[Any, Any]], dict[str, Any]]:
+    """Consecutive samples, and a view's header: the interval, the window and each
+    interval's end (a sample's first item is its time)."""
+    pairs = list(itertools.pairwise(samples))
+    view = {
+        "interval_seconds": SAMPLE_SECONDS,
+        "window_seconds": WINDOW_SECONDS,
+        "time": [after[0] for _, after in pairs],
+    }
+    return pairs, view
+
+
 class History:
     """Totals of task states and events, one sample every 10 s for the last 15 minutes.
 
@@ -97,13 +109,8 @@ class History:
         """Run time and queue wait over the window: p50 and p95, and the p95 of each
         interval; and the backlog of all queues at each interval's end."""
         samples = tuple(self.timings)
-        pairs = list(itertools.pairwise(samples))
-        view: dict[str, Any] = {
-            "interval_seconds": SAMPLE_SECONDS,
-            "window_seconds": WINDOW_SECONDS,
-            "time": [after[0] for _, after in pairs],
-            "backlog": [after[1] for _, after in pairs],
-        }
+        pairs, view = _intervals(samples)
+        view["backlog"] = [after[1] for _, after in pairs]
         for index, (kind, family) in enumerate(self._histograms.items()):
             view[f"{kind}_p95"] = [
                 quantile(0.95, family.bounds, _growth(before[2][index], after[2][index]))
@@ -119,13 +126,7 @@ class History:
 
     def view(self) -> dict[str, Any]:
         """Tasks per interval by state; a series shrunk by a purged worker reads 0, not less."""
-        samples = tuple(self.samples)
-        pairs = list(itertools.pairwise(samples))
-        view: dict[str, Any] = {
-            "interval_seconds": SAMPLE_SECONDS,
-            "window_seconds": WINDOW_SECONDS,
-            "time": [after[0] for _, after in pairs],
-        }
+        pairs, view = _intervals(tuple(self.samples))
         for index, state in enumerate(STATES, start=2):
             view[state] = [max(0.0, after[index] - before[index]) for before, after in pairs]
         failed, succeeded = sum(view["failed"]), sum(view["succeeded"])
