@@ -216,8 +216,9 @@ class Tracker:
         self._count_running()
 
     def records(self) -> tuple[list[tuple[str, Task]], list[tuple[str, Task]]]:
-        """Copies of the tasks in flight and the finished ones, oldest first, for lookups
-        from the HTTP threads; each copy is taken at once, under the interpreter lock."""
+        """Copies of the tasks in flight (least recently active first) and the finished ones
+        (first finished first), for lookups from the HTTP threads; each copy is taken at
+        once, under the interpreter lock."""
         return list(self.tasks.items()), list(self._finished.items())
 
     def record(self, uuid: str) -> Task | None:
