@@ -18,7 +18,7 @@ from fnmatch import translate
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from ..track.tracker import RECENTLY_FINISHED, Task, Tracker
+from ..track.tracker import RECENTLY_FINISHED, UNKNOWN, Task, Tracker, exception_class
 from .overview import TEXT_CHARS, FailureRing, describe
 from .server import TASKS_PATH
 
@@ -66,7 +66,9 @@ class TaskLookup:
             return None
         record = describe_task(uuid, task)
         if record["state"] == "failed" and self.failures is not None:
-            record["traceback"] = self.failures.traceback(uuid)
+            traceback = record["traceback"] = self.failures.traceback(uuid)
+            if record["exception"] == UNKNOWN and traceback:  # a Reject names it there only
+                record["exception"] = exception_class(record["message"], traceback)
         return record
 
     def search(self, query: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@
   // fetch() refuses such URLs, and the browser sends the credentials it holds anyway.
   const API = new URL("/api/v1/overview", window.location.origin).href;
   const TASKS = new URL("/api/v1/tasks", window.location.origin).href;
-  const RECENT_LIMIT = 50;
+  const RECENT_LIMIT = 20;
   const LOOKUP_MATCHES = 10;
   const REFRESH_MS = 5000;
   const STATES = ["succeeded", "failed", "retried", "rejected", "revoked"];
@@ -272,6 +272,7 @@
     context.lineWidth = 1;
     context.textAlign = "right";
     for (const step of [0, 0.5, 1]) {
+      if (step === 0.5 && format(ceiling * step) === format(ceiling)) continue; // counts of 1
       const level = Math.round(y(ceiling * step)) + 0.5;
       context.beginPath();
       context.moveTo(left, level);
