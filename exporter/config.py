@@ -410,6 +410,14 @@ class Config:
         group=METRICS,
         parse=_boolean,
     )
+    recent_tasks: int = option(
+        10_000,
+        "Finished tasks the overview page and /api/v1/tasks can look up, besides those in "
+        "flight (never arguments or results); 0 turns lookups off.",
+        group=HTTP,
+        parse=integer(0, 100_000),
+        metavar="N",
+    )
     otlp_traces: bool = option(
         False,
         "Export OpenTelemetry spans of tasks (a publish, each execution) over OTLP, "

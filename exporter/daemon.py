@@ -28,6 +28,7 @@ from .track.pipeline import UNPROCESSABLE, Pipeline
 from .track.tracker import SpanHooks, Tracker
 from .web.overview import FailureRing, History, Overview
 from .web.server import ExporterServer, Status, WorkerStatus, serve
+from .web.tasks import TaskLookup
 from .web.webconfig import WebSecurity
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Daemon:
     receiver: Receiver
     overview: Overview
     background: tuple[Periodic, ...] = ()
+    tasks: TaskLookup | None = None
 
     @classmethod
     def build(cls, config: Config) -> Daemon:
@@ -86,6 +88,7 @@ class Daemon:
             task_hostname_label=config.task_hostname_label,
             task_hostname_rewrite=config.task_hostname_rewrite,
             flower=flower,
+            recent_tasks=config.recent_tasks,
         )
         history = History(metrics, health)
         pipeline = Pipeline(tracker, health, metrics, on_tick=history.sample)
@@ -97,7 +100,10 @@ class Daemon:
         if config.inspect_interval:
             background += (Inspector(config, metrics, tracker, poller.queues),)
         overview = Overview(metrics, history, failures)
-        return cls(config, registry, metrics, health, tracker, receiver, overview, background)
+        tasks = TaskLookup(tracker, failures, config.recent_tasks) if config.recent_tasks else None
+        return cls(
+            config, registry, metrics, health, tracker, receiver, overview, background, tasks
+        )
 
     def start_background(self) -> None:
         """Start the jobs that ask the broker on a schedule (queue probes, enable_events,
@@ -138,6 +144,7 @@ class Daemon:
             self.status,
             security,
             overview=lambda: self.overview.view(self.status()),
+            tasks=self.tasks.answer if self.tasks else None,
         )
         scheme = "https" if security and security.current().ssl_context else "http"
         log.info(

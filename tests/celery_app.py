@@ -2,7 +2,7 @@
 
 Workers are started as ``celery -A tests.celery_app worker ...`` and find the
 module-level ``app``, configured from the environment (``TEST_BROKER_URL``,
-``TEST_SENT_EVENTS``). The test process builds its own apps with
+``TEST_SENT_EVENTS``, ``TEST_RESULT_BACKEND``). The test process builds its own apps with
 ``make_app(broker_url)`` and publishes by task name (``app.send_task``) or
 through ``app.tasks["tests.add"].apply_async(...)``.
 
@@ -97,16 +97,19 @@ def _env_flag(name: str, default: bool) -> bool:
     return value.strip().lower() not in {"0", "false", "no", "off"}
 
 
-def make_app(broker_url: str, sent_events: bool = True) -> Celery:
+def make_app(broker_url: str, sent_events: bool = True, result_backend: str = "") -> Celery:
     """A Celery app on ``broker_url`` with the test tasks registered.
 
-    No result backend: the tests observe tasks through events only.
+    No result backend unless ``result_backend`` names one (with extended
+    results: the worker and retries), where a test needs the workers' own
+    account of a task to check the exporter's against.
     ``sent_events`` sets task_send_sent_event, so publishing emits task-sent.
     """
     celery = Celery("tests", broker=broker_url, set_as_current=False)
     celery.conf.update(
-        result_backend=None,
-        task_ignore_result=True,
+        result_backend=result_backend or None,
+        result_extended=bool(result_backend),
+        task_ignore_result=not result_backend,
         task_send_sent_event=sent_events,
         broker_connection_retry_on_startup=True,
         task_serializer="json",
@@ -132,4 +135,5 @@ def make_app(broker_url: str, sent_events: bool = True) -> Celery:
 app = make_app(
     os.environ.get("TEST_BROKER_URL", "memory://"),
     sent_events=_env_flag("TEST_SENT_EVENTS", True),
+    result_backend=os.environ.get("TEST_RESULT_BACKEND", ""),
 )

@@ -191,7 +191,9 @@ def test_the_page_its_assets_and_its_api_carry_a_strict_policy(
 
 
 def test_zero_recent_failures_turns_the_list_off(clean_redis: RedisServer) -> None:
-    running = InProcessExporter(["--broker-url", clean_redis.url, "--recent-failures", "0"])
+    running = InProcessExporter(
+        ["--broker-url", clean_redis.url, "--recent-failures", "0", "--recent-tasks", "0"]
+    )
     try:
         assert running.daemon.overview.failures is None
         handler = running.daemon.tracker._on_task["task-failed"]

@@ -49,11 +49,12 @@ class Task:
     """One in-flight task: the fields later events refer back to.
 
     ``trace`` belongs to the span hooks (``exporter.telemetry.span_hooks``): None
-    until they see the task.
+    until they see the task. ``final`` and ``retried`` belong to the lookups'
+    hooks (``exporter.track.recent``), and stay unset without them.
     """
 
-    __slots__ = ("done", "eta", "name", "prefetched_on", "queue", "received", "running",
-                 "scheduled_on", "sent", "started", "trace", "worker")  # fmt: skip
+    __slots__ = ("done", "eta", "final", "name", "prefetched_on", "queue", "received", "retried",
+                 "running", "scheduled_on", "sent", "started", "trace", "worker")  # fmt: skip
 
     def __init__(self, name: str, queue: str) -> None:
         self.name = name
@@ -120,6 +121,7 @@ class Tracker:
         task_hostname_label: str = KEEP,
         task_hostname_rewrite: Sequence[Rewrite] = (),
         flower: FlowerHooks | None = None,
+        recent_tasks: int = 0,
     ) -> None:
         self.metrics = metrics
         self.spans = spans
@@ -128,6 +130,8 @@ class Tracker:
         self.default_queue = default_queue
         self.tasks: OrderedDict[str, Task] = OrderedDict()
         self._finished: OrderedDict[str, Task] = OrderedDict()
+        # Lookups serve the last ``recent_tasks`` finished; late events need the last 10,000.
+        self._keep_finished = max(recent_tasks, RECENTLY_FINISHED)
         self._held: dict[str, tuple[float, list[tuple[Event, float]]]] = {}
         self._sent_seen = False
         self.workers = WorkerTracker(
@@ -197,6 +201,11 @@ class Tracker:
             self._on_task["task-failed"] = _then(self._on_task["task-failed"], on_failure)
         if flower is not None:
             self._chain_flower(flower)
+        if recent_tasks:  # last: the hooks drop what the span hooks and the failure list read
+            from .recent import RECORD_HOOKS
+
+            for kind, hook in RECORD_HOOKS.items():
+                self._on_task[kind] = _then(self._on_task[kind], hook)
 
     def handle(self, event: Event, arrival: float) -> None:
         """Apply one event that passed ``decode.check_event``."""
@@ -256,6 +265,16 @@ class Tracker:
             reconciliations.popleft().apply(self, now)
         self._tracked.set((), len(self.tasks))
         self._count_running()
+
+    def records(self) -> tuple[list[tuple[str, Task]], list[tuple[str, Task]]]:
+        """Copies of the tasks in flight (least recently active first) and the finished ones
+        (first finished first), for lookups from the HTTP threads; each copy is taken at
+        once, under the interpreter lock."""
+        return list(self.tasks.items()), list(self._finished.items())
+
+    def record(self, uuid: str) -> Task | None:
+        """One task's record, in flight or finished; safe from any thread."""
+        return self.tasks.get(uuid) or self._finished.get(uuid)
 
     def queues_seen(self) -> set[str]:
         """Queues named by task-sent events, for the queue probes; safe from any thread."""
@@ -358,7 +377,7 @@ class Tracker:
         task.done = True
         finished = self._finished
         finished[uuid] = task
-        if len(finished) > RECENTLY_FINISHED:
+        if len(finished) > self._keep_finished:
             finished.popitem(last=False)
         return task
 

@@ -41,17 +41,56 @@ def _total(family: Family | None) -> float | None:
     return sum(list(family.values.values()))
 
 
+Timings = tuple[float, float, tuple[tuple[float, ...], ...]]
+"""When, the backlog of the queues probed, the histograms' bucket totals."""
+
+
+def _bucket_totals(family: Histogram) -> tuple[float, ...]:
+    """A histogram's bucket counts summed over its series (its sums left out)."""
+    width = len(family.bounds) + 1
+    totals = [0.0] * width
+    for series in list(family.values.values()):
+        for slot, count in enumerate(series[:width]):
+            totals[slot] += count
+    return tuple(totals)
+
+
+def _growth(before: Sequence[float], after: Sequence[float]) -> list[float]:
+    """Bucket counts added between two totals; a purged worker's series reads 0, not less."""
+    return [max(0.0, late - early) for early, late in zip(before, after, strict=True)]
+
+
+def _intervals(samples: Sequence[Any]) -> tuple[list[tuple[Any, Any]], dict[str, Any]]:
+    """Consecutive samples, and a view's header: the interval, the window and each
+    interval's end (a sample's first item is its time)."""
+    pairs = list(itertools.pairwise(samples))
+    view = {
+        "interval_seconds": SAMPLE_SECONDS,
+        "window_seconds": WINDOW_SECONDS,
+        "time": [after[0] for _, after in pairs],
+    }
+    return pairs, view
+
+
 class History:
     """Totals of task states and events, one sample every 10 s for the last 15 minutes.
 
     ``sample`` runs on the event thread at each tick of the receive loop; the
-    ring holds ``SAMPLES`` tuples of seven numbers, whatever the traffic.
+    ring holds ``SAMPLES`` tuples of seven numbers, whatever the traffic, and
+    ``timings`` as many of the run time and queue wait histograms' bucket
+    totals (over all series) and the queues' backlog.
     """
 
     def __init__(self, metrics: Metrics, health: Health) -> None:
         self.health = health
         self._families = [metrics.families[f"celery_task_{state}_total"] for state in STATES]
         self.samples: deque[tuple[float, ...]] = deque(maxlen=SAMPLES)
+        self._histograms = {
+            "runtime": metrics.histogram("celery_task_runtime_seconds"),
+            "queue_wait": metrics.histogram("celery_task_queue_wait_seconds"),
+        }
+        self._backlog = metrics.families["celery_queue_length"]
+        self.timings: deque[Timings] = deque(maxlen=SAMPLES)
         self._next = 0.0
 
     def sample(self, now: float) -> None:
@@ -63,16 +102,31 @@ class History:
             self._next = now + SAMPLE_SECONDS
         totals = (_total(family) or 0.0 for family in self._families)
         self.samples.append((now, self.health.events_received, *totals))
+        buckets = tuple(_bucket_totals(family) for family in self._histograms.values())
+        self.timings.append((now, _total(self._backlog) or 0.0, buckets))
+
+    def timings_view(self) -> dict[str, Any]:
+        """Run time and queue wait over the window: p50 and p95, and the p95 of each
+        interval; and the backlog of all queues at each interval's end."""
+        samples = tuple(self.timings)
+        pairs, view = _intervals(samples)
+        view["backlog"] = [after[1] for _, after in pairs]
+        for index, (kind, family) in enumerate(self._histograms.items()):
+            view[f"{kind}_p95"] = [
+                quantile(0.95, family.bounds, _growth(before[2][index], after[2][index]))
+                for before, after in pairs
+            ]
+            window = _growth(samples[0][2][index], samples[-1][2][index]) if pairs else []
+            view[kind] = {
+                "count": sum(window),
+                "p50": quantile(0.5, family.bounds, window),
+                "p95": quantile(0.95, family.bounds, window),
+            }
+        return view
 
     def view(self) -> dict[str, Any]:
         """Tasks per interval by state; a series shrunk by a purged worker reads 0, not less."""
-        samples = tuple(self.samples)
-        pairs = list(itertools.pairwise(samples))
-        view: dict[str, Any] = {
-            "interval_seconds": SAMPLE_SECONDS,
-            "window_seconds": WINDOW_SECONDS,
-            "time": [after[0] for _, after in pairs],
-        }
+        pairs, view = _intervals(tuple(self.samples))
         for index, state in enumerate(STATES, start=2):
             view[state] = [max(0.0, after[index] - before[index]) for before, after in pairs]
         failed, succeeded = sum(view["failed"]), sum(view["succeeded"])
@@ -105,13 +159,9 @@ class FailureRing:
 
     def record(self, task: Task, event: Event) -> None:
         """A ``TaskHandler`` chained after the tracker's task-failed handler."""
-        text = _text(event.get("exception"), MESSAGE_CHARS)
         traceback = event.get("traceback")
         traceback = traceback if isinstance(traceback, str) else ""
-        exception = exception_class(text, traceback)
-        message = text
-        if exception != UNKNOWN and text.startswith(exception + "(") and text.endswith(")"):
-            message = text[len(exception) + 1 : -1]
+        exception, message = describe(event.get("exception"), traceback)
         self.failures.append(
             {
                 "time": time.time(),  # the exporter's clock, as every other age here
@@ -123,6 +173,45 @@ class FailureRing:
                 "traceback": _tail(traceback),
             }
         )
+
+    def groups(self, since: float) -> list[dict[str, Any]]:
+        """The failures held since ``since``, one row per task name and exception class,
+        most frequent first, each with its count and its latest failure."""
+        groups: dict[tuple[str, str], dict[str, Any]] = {}
+        for failure in list(self.failures):  # oldest first: the latest is the last seen
+            if failure["time"] < since:
+                continue
+            key = (failure["name"], failure["exception"])
+            group = groups.get(key)
+            if group is None:
+                groups[key] = {
+                    "name": key[0],
+                    "exception": key[1],
+                    "count": 1,
+                    "first": failure["time"],
+                    "latest": failure,
+                }
+            else:
+                group["count"] += 1
+                group["latest"] = failure
+        return sorted(groups.values(), key=lambda row: (-row["count"], -row["latest"]["time"]))
+
+    def traceback(self, uuid: str) -> str | None:
+        """The traceback of the task's latest failure, while the ring holds it."""
+        for failure in reversed(list(self.failures)):
+            if failure["uuid"] == uuid:
+                return failure["traceback"]
+        return None
+
+
+def describe(value: object, traceback: str | None = None) -> tuple[str, str]:
+    """The exception class and message from Celery's ``repr()`` of an exception:
+    ``("ValueError", "'boom'")`` from ``"ValueError('boom')"``."""
+    text = _text(value, MESSAGE_CHARS)
+    exception = exception_class(text, traceback)
+    if exception != UNKNOWN and text.startswith(exception + "(") and text.endswith(")"):
+        return exception, text[len(exception) + 1 : -1]
+    return exception, text
 
 
 def _text(value: object, limit: int) -> str:
@@ -195,6 +284,8 @@ class Overview:
             "queues": self._queues(),
             "workers": self._workers(status, now),
             "recent_failures": self._failures(),
+            "timings": self.history.timings_view(),
+            "failure_groups": self._failure_groups(now),
         }
 
     def _exporter(self, status: Status, now: float) -> dict[str, Any]:
@@ -292,6 +383,15 @@ class Overview:
         if ring is None:
             return {"enabled": False, "capacity": 0, "items": []}
         return {"enabled": True, "capacity": ring.capacity, "items": list(ring.failures)[::-1]}
+
+    def _failure_groups(self, now: float) -> dict[str, Any]:
+        ring = self.failures
+        return {
+            "enabled": ring is not None,
+            "capacity": ring.capacity if ring else 0,
+            "window_seconds": WINDOW_SECONDS,
+            "items": ring.groups(now - WINDOW_SECONDS) if ring else [],
+        }
 
 
 def resident_memory() -> int | None:

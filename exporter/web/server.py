@@ -39,6 +39,7 @@ and all they tell is one bit each."""
 QUIET_SECONDS = 60.0
 """No event for this long after connecting earns a diagnosis on the landing page."""
 API_PATH = "/api/v1/overview"
+TASKS_PATH = "/api/v1/tasks"
 _STATIC = resources.files(__package__) / "static"
 PAGE = string.Template((_STATIC / "index.html").read_text(encoding="utf-8"))
 ASSETS: dict[str, tuple[bytes, str]] = {
@@ -59,6 +60,8 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 """On the page, its assets and its API: a value from the network can never run as code."""
+TaskAnswer = Callable[[str, str], tuple[int, dict[str, Any]]]
+"""Answers a task lookup: the path and the query string to a status and a JSON body."""
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,21 @@ class Handler(BaseHTTPRequestHandler):
         elif path == API_PATH and self.server.overview is not None:
             body = orjson.dumps(self.server.overview())
             self._send(200, body, "application/json", PAGE_HEADERS)
+        elif path == TASKS_PATH or path.startswith(TASKS_PATH + "/"):
+            self._tasks(path)
         elif path in ASSETS:
             body, content_type = ASSETS[path]
             self._send(200, body, content_type, PAGE_HEADERS)
         else:
             self._send(404, b"not found\n")
+
+    def _tasks(self, path: str) -> None:
+        """``/api/v1/tasks`` and ``/api/v1/tasks/<id>``; 404 with lookups off."""
+        if self.server.tasks is None:
+            code, answer = 404, {"error": "task lookups are off (--recent-tasks 0)"}
+        else:
+            code, answer = self.server.tasks(path, self.path.partition("?")[2])
+        self._send(code, orjson.dumps(answer), "application/json", PAGE_HEADERS)
 
     def _metrics(self) -> None:
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
@@ -184,12 +197,14 @@ class ExporterServer(ThreadingHTTPServer):
         status: Callable[[], Status],
         security: WebSecurity | None = None,
         overview: Callable[[], dict[str, Any]] | None = None,
+        tasks: TaskAnswer | None = None,
     ) -> None:
         super().__init__(address, Handler)
         self.registry = registry
         self.status = status
         self.security = security
         self.overview = overview
+        self.tasks = tasks
 
     def get_request(self) -> tuple[socket.socket, object]:
         """Each connection gets the TLS context in force when it arrives.
@@ -215,9 +230,10 @@ def serve(
     status: Callable[[], Status],
     security: WebSecurity | None = None,
     overview: Callable[[], dict[str, Any]] | None = None,
+    tasks: TaskAnswer | None = None,
 ) -> ExporterServer:
     """Start serving in a background thread; ``shutdown()`` stops it."""
-    server = ExporterServer((host, port), registry, status, security, overview)
+    server = ExporterServer((host, port), registry, status, security, overview, tasks)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
 
