@@ -165,7 +165,14 @@ def test_task_names_and_workers_are_bounded_and_purged_workers_go() -> None:
 
 
 def test_off_serves_no_flower_family_and_chains_nothing() -> None:
-    argv = ["--broker-url", "redis://localhost:1/0", "--recent-failures", "0"]
+    argv = [
+        "--broker-url",
+        "redis://localhost:1/0",
+        "--recent-failures",
+        "0",
+        "--recent-tasks",
+        "0",
+    ]
     off = Daemon.build(config.load(argv, environ={}))
     assert not [name for name in off.metrics.families if name.startswith("flower_")]
     assert b"flower_" not in TextWriter(off.metrics).text()
