@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from exporter.track.missed import MAX_STARTS_PER_SECOND
-from exporter.track.tracker import exception_class
+from exporter.track.task import exception_class
 from tests.events import Scene, event, failed, heartbeat, received, started, succeeded
 
 ADD = {"name": "app.add", "queue": "celery"}

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from exporter.telemetry.metrics import Metrics
-from exporter.track.tracker import Task
+from exporter.track.task import Task
 from exporter.web.overview import (
     SAMPLES,
     TRACEBACK_BYTES,

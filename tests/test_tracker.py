@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.track.tracker import HOLD_SECONDS, exception_class
+from exporter.track.task import exception_class
+from exporter.track.tracker import HOLD_SECONDS
 from tests.events import Scene, event, failed, heartbeat, received, sent, started, succeeded
 
 W1 = {"hostname": "celery@w1"}

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 
 from ..track.labels import LabelLimiter
-from ..track.tracker import FINAL, Event, Hook, Task, WorkerHandler
+from ..track.task import FINAL, Event, Hook, Task, WorkerHandler
 from .metrics import Metrics
 
 TASK_TYPES = (

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 
-from ..track.tracker import Event, Hook, Task
+from ..track.task import Event, Hook, Task
 from .delivery import SpanQueue
 from .metrics import Exemplars, Metrics
 from .otel import SpanProcessor

@@ -16,7 +16,7 @@ the events, ``delivery`` sends them.
 
 from __future__ import annotations
 
-from ..track.tracker import Event, exception_class
+from ..track.task import Event, exception_class
 from . import otlp
 from .otel import StatusCode, TraceFlags
 from .sampling import Sampling, execution_span_id

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .tracker import Event, Task
+    from .task import Event, Task
 
 
 def _ended(task: Task, event: Event) -> None:

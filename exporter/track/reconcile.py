@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..decode import MAX_ID_LENGTH, MISSING_FIELD, TOO_LARGE, WRONG_TYPE
-from .tracker import UNKNOWN, Task, eta_timestamp
+from .task import UNKNOWN, Task, eta_timestamp
 
 if TYPE_CHECKING:
     from .tracker import Tracker

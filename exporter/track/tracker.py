@@ -10,21 +10,30 @@ from __future__ import annotations
 
 import heapq
 import logging
-import re
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from ..telemetry.metrics import Counter, Gauge, LabelValues, Metrics
 from .hostnames import DROP, KEEP, Rewrite, TaskHosts, rewriter
 from .labels import OTHER, LabelLimiter
 from .missed import MissedEvents
+from .task import (
+    FINAL,
+    UNKNOWN,
+    Event,
+    FlowerHooks,
+    SpanHooks,
+    Task,
+    TaskHandler,
+    WorkerHandler,
+    eta_timestamp,
+    exception_class,
+)
 from .workers import WorkerTracker
 
 log = logging.getLogger(__name__)
 
-UNKNOWN = "unknown"
 RECENTLY_FINISHED = 10_000
 """Finished tasks remembered for late events: a ``Reject`` sends task-failed, then
 task-rejected, and events published by other processes may trail the final one."""
@@ -34,7 +43,6 @@ MAX_HELD_TASKS = 10_000
 task's events can overtake the event that names it (on AMQP, a task may finish
 before its task-sent arrives). Events of a task not yet named wait for it this
 long, for at most this many tasks, then count as they are."""
-Event = dict[str, Any]
 LOGGED_IDS = 5
 """Task ids named in the log line of a lost worker."""
 MIN_LOST_GRACE = 10.0
@@ -42,66 +50,9 @@ MIN_LOST_GRACE = 10.0
 partition): its running tasks count as interrupted only once it has stayed silent
 for another ``worker_timeout``, at least this long, or came back as a new process."""
 _OTHER = (OTHER,)
-FINAL = frozenset({"task-succeeded", "task-failed", "task-rejected", "task-revoked"})
 
 
-class Task:
-    """One in-flight task: the fields later events refer back to.
-
-    ``trace`` belongs to the span hooks (``exporter.telemetry.span_hooks``): None
-    until they see the task. ``final`` and ``retried`` belong to the lookups'
-    hooks (``exporter.track.recent``), and stay unset without them.
-    """
-
-    __slots__ = ("done", "eta", "final", "name", "prefetched_on", "queue", "received", "retried",
-                 "running", "scheduled_on", "sent", "started", "trace", "worker")  # fmt: skip
-
-    def __init__(self, name: str, queue: str) -> None:
-        self.name = name
-        self.queue = queue
-        self.sent: float | None = None
-        self.eta: float | None = None
-        self.received: float | None = None
-        self.prefetched_on: str | None = None
-        self.scheduled_on: str | None = None  # held by this worker until its ETA
-        self.started: float | None = None  # task-started of the latest execution
-        self.worker: str | None = None  # the worker it started on
-        self.running: LabelValues | None = None  # (name, queue) while it runs
-        self.done = False
-        self.trace: Any = None
-
-
-TaskHandler = Callable[[Task, Event], None]
-"""Applies a task event to the task's record (from the table, or made for it)."""
-WorkerHandler = Callable[[Event, float], None]
-Hook = TaskHandler
 A, B = TypeVar("A"), TypeVar("B")
-
-
-class SpanHooks(Protocol):
-    """What the tracker calls when traces are on (``exporter.telemetry.span_hooks.Spans``)."""
-
-    def hooks(self) -> Mapping[str, Hook]:
-        """A hook per task event type, given the task's record and the event."""
-
-    def evicted(self, task: Task) -> None:
-        """The task left the full table unfinished."""
-
-    def interrupted(self, task: Task, hostname: str) -> None:
-        """The worker running the task was lost: end its execution span with an error."""
-
-    def close(self) -> None:
-        """Export what is pending: the daemon is stopping."""
-
-
-class FlowerHooks(Protocol):
-    """What the tracker calls when Flower's families are on (``exporter.telemetry.flower``)."""
-
-    def hooks(self, label: LabelLimiter) -> tuple[Mapping[str, Hook], Mapping[str, WorkerHandler]]:
-        """A hook per task event type and per worker event type, bounded by ``label``."""
-
-    def forget(self, hostname: str) -> None:
-        """The worker was purged: drop its series."""
 
 
 class Tracker:
@@ -642,38 +593,3 @@ def _then(handler: Callable[[A, B], None], hook: Callable[[A, B], None]) -> Call
         hook(task, event)
 
     return traced
-
-
-def exception_class(text: str | None, traceback: str | None = None) -> str:
-    """``ValueError`` from Celery's ``repr()`` of it, ``"ValueError('boom')"``.
-
-    Some exceptions' text is not their ``repr()``: a ``Reject`` reads
-    ``reject requeue=False: …``. Then the traceback's last line names the
-    class (``celery.exceptions.Reject: …``).
-    """
-    if text:
-        name = text.partition("(")[0].strip()
-        if _CLASS_NAME.fullmatch(name):
-            return name
-    if traceback:
-        last = traceback.rstrip().rpartition("\n")[2]
-        name = last.partition(":")[0].strip().rpartition(".")[2]
-        if _CLASS_NAME.fullmatch(name) and not last.startswith((" ", "\t")):
-            return name
-    return UNKNOWN
-
-
-_CLASS_NAME = re.compile(r"[A-Za-z_][\w.]*")
-
-
-def eta_timestamp(value: str | None) -> float | None:
-    """Celery sends ETAs as ISO 8601 text; naive ones are UTC."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()

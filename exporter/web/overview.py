@@ -19,7 +19,7 @@ from typing import Any
 from .. import __version__
 from ..health import Health
 from ..telemetry.metrics import Family, Histogram, Metrics
-from ..track.tracker import UNKNOWN, Event, Task, exception_class
+from ..track.task import UNKNOWN, Event, Task, exception_class
 from .server import Status, diagnosis
 
 SAMPLE_SECONDS = 10.0

@@ -18,7 +18,8 @@ from fnmatch import translate
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from ..track.tracker import RECENTLY_FINISHED, UNKNOWN, Task, Tracker, exception_class
+from ..track.task import UNKNOWN, Task, exception_class
+from ..track.tracker import RECENTLY_FINISHED, Tracker
 from .overview import TEXT_CHARS, FailureRing, describe
 from .server import TASKS_PATH
 
