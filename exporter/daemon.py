@@ -79,6 +79,8 @@ class Daemon:
             max_label_values=config.max_label_values,
             spans=_spans(config, metrics),
             on_failure=failures.record if failures else None,
+            task_objectives=config.task_objectives,
+            task_expected_intervals=config.task_expected_intervals,
         )
         history = History(metrics, health)
         pipeline = Pipeline(tracker, health, metrics, on_tick=history.sample)

@@ -13,11 +13,13 @@ import re
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from time import time
 from typing import Any, Protocol
 
 from ..telemetry.metrics import Counter, LabelValues, Metrics
 from .labels import OTHER, LabelLimiter
 from .missed import MissedEvents
+from .objectives import TaskTargets
 from .workers import WorkerTracker
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,8 @@ class Tracker:
         max_label_values: int,
         spans: SpanHooks | None = None,
         on_failure: TaskHandler | None = None,
+        task_objectives: Mapping[str, float] | None = None,
+        task_expected_intervals: Mapping[str, float] | None = None,
     ) -> None:
         self.metrics = metrics
         self.spans = spans
@@ -130,6 +134,7 @@ class Tracker:
         self._rejected = counter("celery_task_rejected_total")
         self._revoked = counter("celery_task_revoked_total")
         self._runtime = histogram("celery_task_runtime_seconds")
+        self._last_succeeded = metrics.gauge("celery_task_last_succeeded_timestamp_seconds")
         self._failed_runtime = histogram("celery_task_failed_runtime_seconds")
         self._interrupted = counter("celery_task_interrupted_total")
         self._missed = MissedEvents(counter("celery_exporter_events_missed_total"))
@@ -161,6 +166,11 @@ class Tracker:
             self._trace(spans)
         if on_failure is not None:  # chained once, like the span hooks: off costs nothing
             self._on_task["task-failed"] = _then(self._on_task["task-failed"], on_failure)
+        self._targets = None  # matched at the tick, never per event; off without globs
+        if task_objectives or task_expected_intervals:
+            self._targets = TaskTargets(metrics, task_objectives or {},
+                                        task_expected_intervals or {},
+                                        self.label.admitted("name"))  # fmt: skip
 
     def handle(self, event: Event, arrival: float) -> None:
         """Apply one event that passed ``decode.check_event``."""
@@ -205,6 +215,8 @@ class Tracker:
             self._release(uuid)
         self._tracked.set((), len(self.tasks))
         self._count_running()
+        if self._targets is not None:
+            self._targets.tick()
 
     def queues_seen(self) -> set[str]:
         """Queues named by task-sent events, for the queue probes; safe from any thread."""
@@ -411,7 +423,12 @@ class Tracker:
     def _on_succeeded(self, task: Task, event: Event) -> None:
         hostname = self.label("hostname", event["hostname"])
         self._succeeded.inc((task.name, hostname, task.queue))
-        self._runtime.observe((task.name, task.queue), max(0.0, event["runtime"]))
+        key = (task.name, task.queue)
+        self._runtime.observe(key, max(0.0, event["runtime"]))
+        # The worker's clock, never ahead of this one: a worker clock hours fast must
+        # not keep a periodic task that stopped looking fresh for hours.
+        finished, now = event["timestamp"], time()
+        self._last_succeeded.set(key, finished if finished < now else now)
 
     def _on_failed(self, task: Task, event: Event) -> None:
         hostname = self.label("hostname", event["hostname"])
