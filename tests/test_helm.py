@@ -71,7 +71,8 @@ CONFIG_KEYS = {
     "default_queue", "runtime_buckets", "wait_buckets", "static_labels", "worker_timeout",
     "purge_offline_after", "queues", "queue_poll_interval", "enable_events",
     "enable_events_interval", "otlp_traces", "trace_sample_ratio", "max_label_values",
-    "web_config_file", "inspect_interval", "inspect_timeout",
+    "web_config_file", "inspect_interval", "inspect_timeout", "task_objectives",
+    "task_expected_intervals",
 }  # fmt: skip
 
 # prometheus-operator kinds are CRDs: kubernetes-validate has no schema for them,
@@ -592,6 +593,8 @@ def test_sentinel_and_rabbitmq_tls_scenarios(chart: Any) -> None:
         ({"config": {"not_a_daemon_key": 1}}, "not_a_daemon_key"),
         ({"config": {"log_format": "xml"}}, "log_format"),
         ({"config": {"port": 70000}}, "port"),
+        ({"config": {"task_objectives": {"payments.*": 1}}}, "task_objectives"),
+        ({"config": {"task_expected_intervals": {"beat.*": 0}}}, "task_expected_intervals"),
         ({"livenessProbe": {"periodSeconds": "10s"}}, "periodSeconds"),
         ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
         ({"serviceMonitor": {"enabled": "yes"}}, "enabled"),
@@ -811,3 +814,18 @@ def test_the_rendered_config_starts_the_daemon(chart: Any, scenario: str, tmp_pa
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(settings))
     load(["--config", str(path)], environ={"CELERY_EXPORTER_BROKER_URL": "redis://r:6379/0"})
+
+
+def test_objectives_and_intervals_reach_the_daemon_from_the_values(
+    chart: Any, tmp_path: Path
+) -> None:
+    # A list keeps the order of the globs: Helm renders a mapping's keys sorted.
+    values = {"config": {"task_objectives": ["payments.*=0.999", "*=0.99"],
+                         "task_expected_intervals": {"reports.nightly": 86400}}}  # fmt: skip
+    settings = config_of(objects(chart, values))
+    assert settings["task_objectives"] == ["payments.*=0.999", "*=0.99"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    loaded = load(["--config", str(path)], environ={"CELERY_EXPORTER_BROKER_URL": "redis://r/0"})
+    assert list(loaded.task_objectives.items()) == [("payments.*", 0.999), ("*", 0.99)]
+    assert loaded.task_expected_intervals == {"reports.nightly": 86400.0}
