@@ -28,7 +28,7 @@ RUNBOOK_URL = (
     "https://github.com/celery-events-exporter/celery-events-exporter/blob/main/docs/runbook.md#"
 )
 SEVERITIES = {"warning", "critical", "page", "ticket"}
-"""warning and critical, and the error-budget alerts' page and ticket, as SRE practice names them."""
+"""warning and critical; the error-budget alerts page and ticket, as SRE practice names them."""
 
 # The alerts and recording rules are a contract with the Helm chart, the
 # dashboards and the live test: renaming one must be a deliberate change here.
