@@ -58,14 +58,22 @@ def integer(low: int, high: int | None = None) -> Parser:
     return parse
 
 
-def _number(low: float = 0.0, high: float | None = None) -> Parser:
+def _number(low: float = 0.0, high: float | None = None, *, exclusive: bool = False) -> Parser:
+    """A parser of numbers from ``low`` to ``high``; ``exclusive``, strictly between them."""
+
     def parse(value: Any) -> float:
         try:
             number = float(value) if not isinstance(value, bool) else None
         except (TypeError, ValueError):
             number = None
-        if number is None or not low <= number <= (high if high is not None else float("inf")):
-            bounds = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+        top = high if high is not None else float("inf")
+        inside = number is not None and (low < number < top if exclusive else low <= number <= top)
+        if not inside:
+            if exclusive:
+                below = f" and below {high:g}" if high is not None else ""
+                bounds = f"above {low:g}{below}"
+            else:
+                bounds = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
             raise ValueError(f"expected a number {bounds}, got {value!r}")
         return number
 
@@ -132,6 +140,37 @@ def _pairs(value: Any, convert: Callable[[str], Any]) -> dict[str, Any]:
             raise ValueError(f"expected key=value, got {item!r}")
         pairs[key.strip()] = convert(text.strip())
     return pairs
+
+
+def _glob(text: str) -> str:
+    """A task name glob as ``fnmatch`` reads it. fnmatch takes any text, reading an
+    unclosed ``[`` as a plain character: refused, as a mistake rather than a name."""
+    if not text:
+        raise ValueError("expected a glob of task names, got an empty one")
+    start = text.find("[")
+    while start >= 0:
+        inner = start + 1 + (text[start + 1 : start + 2] == "!")
+        inner += text[inner : inner + 1] == "]"  # a leading ] belongs to the set
+        end = text.find("]", inner)
+        if end < 0:
+            raise ValueError("not a glob: a '[' is never closed")
+        start = text.find("[", end + 1)
+    return text
+
+
+def _task_globs(parse_value: Parser) -> Parser:
+    """GLOB=VALUE pairs in the order given (the first glob a task name matches wins)."""
+
+    def parse(value: Any) -> dict[str, Any]:
+        globs = {}
+        for glob, item in _pairs(value, str).items():
+            try:
+                globs[_glob(glob)] = parse_value(item)
+            except ValueError as exc:
+                raise ValueError(f"{glob!r}: {exc}" if glob else str(exc)) from None
+        return globs
+
+    return parse
 
 
 def _json_or_text(text: str) -> Any:
@@ -276,6 +315,26 @@ class Config:
         "Queue label for tasks whose queue was never seen in a task-sent event.",
         group=TASKS,
         metavar="NAME",
+    )
+    task_objectives: dict[str, float] = option(
+        {},
+        "Success objective GLOB=RATIO of the task names matching the glob (repeatable; the "
+        "first glob a name matches wins), e.g. 'payments.*=0.999', '*=0.99': exported as "
+        "celery_task_objective_ratio for the burn-rate alerts.",
+        group=TASKS,
+        parse=_task_globs(_number(0.0, 1.0, exclusive=True)),
+        metavar="GLOB=RATIO",
+        repeat=True,
+    )
+    task_expected_intervals: dict[str, float] = option(
+        {},
+        "Expected seconds between successes GLOB=SECONDS of periodic tasks (repeatable; the "
+        "first glob a name matches wins): exported as celery_task_expected_interval_seconds "
+        "for CeleryTaskNotSucceededRecently.",
+        group=TASKS,
+        parse=_task_globs(_number(0.0, exclusive=True)),
+        metavar="GLOB=SECONDS",
+        repeat=True,
     )
     worker_timeout: float = option(
         30.0,

@@ -89,6 +89,8 @@ class Daemon:
             task_hostname_rewrite=config.task_hostname_rewrite,
             flower=flower,
             recent_tasks=config.recent_tasks,
+            task_objectives=config.task_objectives,
+            task_expected_intervals=config.task_expected_intervals,
         )
         history = History(metrics, health)
         pipeline = Pipeline(tracker, health, metrics, on_tick=history.sample)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
@@ -75,6 +76,11 @@ def noop() -> None:
     return None
 
 
+def stamp(path: str) -> None:
+    """Write the time it finished to ``path``: the truth a success's time is checked against."""
+    Path(path).write_text(repr(time.time()))
+
+
 def reject() -> None:
     """Refused by the task itself: task-failed (``reject requeue=False: …``), then task-rejected."""
     raise Reject(ValueError("unprocessable payload"), requeue=False)
@@ -126,6 +132,7 @@ def make_app(broker_url: str, sent_events: bool = True, result_backend: str = ""
     # many as it runs, so the rest of a burst waits in the broker, countable.
     celery.task(name="tests.sleep_late", acks_late=True)(sleep)
     celery.task(name="tests.noop")(noop)
+    celery.task(name="tests.stamp")(stamp)
     celery.task(name="tests.reject", acks_late=True)(reject)
     celery.task(name="tests.sleep_then_fail")(sleep_then_fail)
     celery.task(name=HOSTILE_NAME)(hostile)

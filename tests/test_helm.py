@@ -73,6 +73,7 @@ CONFIG_KEYS = {
     "purge_offline_after", "queues", "queue_poll_interval", "enable_events",
     "enable_events_interval", "otlp_traces", "trace_sample_ratio", "max_label_values",
     "web_config_file", "inspect_interval", "inspect_timeout", "flower_metrics",
+    "task_objectives", "task_expected_intervals",
 }  # fmt: skip
 
 # prometheus-operator kinds are CRDs: kubernetes-validate has no schema for them,
@@ -593,6 +594,8 @@ def test_sentinel_and_rabbitmq_tls_scenarios(chart: Any) -> None:
         ({"config": {"not_a_daemon_key": 1}}, "not_a_daemon_key"),
         ({"config": {"log_format": "xml"}}, "log_format"),
         ({"config": {"port": 70000}}, "port"),
+        ({"config": {"task_objectives": {"payments.*": 1}}}, "task_objectives"),
+        ({"config": {"task_expected_intervals": {"beat.*": 0}}}, "task_expected_intervals"),
         ({"livenessProbe": {"periodSeconds": "10s"}}, "periodSeconds"),
         ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
         ({"serviceMonitor": {"enabled": "yes"}}, "enabled"),
@@ -900,3 +903,18 @@ def test_broker_mistakes_fail_the_rendering(chart: Any, values: dict, message: s
 def test_schema_refuses_bad_brokers(chart: Any, entry: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema(chart.merge_values({"brokers": [entry]}))
+
+
+def test_objectives_and_intervals_reach_the_daemon_from_the_values(
+    chart: Any, tmp_path: Path
+) -> None:
+    # A list keeps the order of the globs: Helm renders a mapping's keys sorted.
+    values = {"config": {"task_objectives": ["payments.*=0.999", "*=0.99"],
+                         "task_expected_intervals": {"reports.nightly": 86400}}}  # fmt: skip
+    settings = config_of(objects(chart, values))
+    assert settings["task_objectives"] == ["payments.*=0.999", "*=0.99"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    loaded = load(["--config", str(path)], environ={"CELERY_EXPORTER_BROKER_URL": "redis://r/0"})
+    assert list(loaded.task_objectives.items()) == [("payments.*", 0.999), ("*", 0.99)]
+    assert loaded.task_expected_intervals == {"reports.nightly": 86400.0}

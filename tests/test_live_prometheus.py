@@ -89,6 +89,8 @@ CORE_PANELS: dict[tuple[str, str], tuple[str, ...]] = {
     ("celery-task", "Prefetch wait p50 / p95 / p99"): ALL_TARGETS,
     ("celery-task", "Succeeded by worker"): ALL_TARGETS,
     ("celery-task", "Received by queue"): ALL_TARGETS,
+    ("celery-overview", "Error budgets"): ALL_TARGETS,
+    ("celery-overview", "Periodic tasks"): ALL_TARGETS,
     ("celery-exporter", "Scrape up"): ALL_TARGETS,
     ("celery-exporter", "Broker connected"): ALL_TARGETS,
     ("celery-exporter", "Version"): ALL_TARGETS,
@@ -251,10 +253,13 @@ def live(
     only when Prometheus has scraped both series, so it shows as an increase.
     """
     broker_url = redis_server.url_for(REDIS_DB)  # its own database: its own event channel
-    # Every dashboard and rule runs on task series with and without the worker (drop).
+    # Every dashboard and rule runs on task series with and without the worker (drop); an
+    # objective and an interval for TASK only: FAILING_TASK stays with the plain ratio alert.
     exporter = ExporterProcess(["--broker-url", broker_url, "--worker-timeout", "3",
                                 "--queue-poll-interval", "1",
-                                "--task-hostname-label", request.param])  # fmt: skip
+                                "--task-hostname-label", request.param,
+                                "--task-objective", f"{TASK}=0.99",
+                                "--task-expected-interval", f"{TASK}=3600"])  # fmt: skip
     prometheus = None
     try:
         exporter.wait_serving()

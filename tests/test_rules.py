@@ -27,7 +27,8 @@ RUNBOOK = ROOT / "docs" / "runbook.md"
 RUNBOOK_URL = (
     "https://github.com/celery-events-exporter/celery-events-exporter/blob/main/docs/runbook.md#"
 )
-SEVERITIES = {"warning", "critical"}
+SEVERITIES = {"warning", "critical", "page", "ticket"}
+"""warning and critical; the error-budget alerts page and ticket, as SRE practice names them."""
 
 # The alerts and recording rules are a contract with the Helm chart, the
 # dashboards and the live test: renaming one must be a deliberate change here.
@@ -46,6 +47,9 @@ EXPECTED_ALERTS = {
     "CeleryExporterEventsMissed",
     "CeleryQueueNoWorkers",
     "CeleryWorkersSaturated",
+    "CeleryTaskErrorBudgetBurnFast",
+    "CeleryTaskErrorBudgetBurnSlow",
+    "CeleryTaskNotSucceededRecently",
 }
 EXPECTED_RECORDING_RULES = {
     "name_queue:celery_task_sent:rate5m",
@@ -78,6 +82,27 @@ EXPECTED_RECORDING_RULES = {
     "queue:celery_worker_tasks_active:sum",
     "queue:celery_worker_utilisation:ratio",
     "queue:celery_queue_workers:max",
+    "name:celery_task_error_budget:ratio",
+    "name:celery_task_failed:rate30m",
+    "name:celery_task_succeeded:rate30m",
+    "name:celery_task_failure:ratio_rate30m",
+    "name:celery_task_failed:rate1h",
+    "name:celery_task_succeeded:rate1h",
+    "name:celery_task_failure:ratio_rate1h",
+    "name:celery_task_failed:rate2h",
+    "name:celery_task_succeeded:rate2h",
+    "name:celery_task_failure:ratio_rate2h",
+    "name:celery_task_failed:rate6h",
+    "name:celery_task_succeeded:rate6h",
+    "name:celery_task_failure:ratio_rate6h",
+    "name:celery_task_failed:rate1d",
+    "name:celery_task_succeeded:rate1d",
+    "name:celery_task_failure:ratio_rate1d",
+    "name:celery_task_failed:rate3d",
+    "name:celery_task_succeeded:rate3d",
+    "name:celery_task_failure:ratio_rate3d",
+    "name:celery_task_expected_interval:seconds",
+    "name:celery_task_last_succeeded:timestamp_seconds",
 }
 
 

@@ -97,6 +97,17 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("celery_task_interrupted_total", COUNTER,
                "Tasks running on a worker when it was lost (no heartbeat for "
                "--worker-timeout).", TASK),
+    # Objectives and periodic tasks.
+    MetricSpec("celery_task_last_succeeded_timestamp_seconds", GAUGE,
+               "Worker's time of the latest task-succeeded (Unix time), never later than "
+               "its arrival.", NAME_QUEUE),
+    MetricSpec("celery_task_objective_ratio", GAUGE,
+               "Success objective of the task name (--task-objective), for names seen and "
+               "names given literally.", ("name",)),
+    MetricSpec("celery_task_expected_interval_seconds", GAUGE,
+               "Expected seconds between successes of the task name "
+               "(--task-expected-interval), for names seen and names given literally.",
+               ("name",)),
     # Workers, from heartbeats.
     MetricSpec("celery_worker_up", GAUGE,
                "1 while the worker's heartbeats arrive, 0 once they stop or it goes offline.",

@@ -43,6 +43,10 @@ class LabelLimiter:
         seen.add(value)
         return value
 
+    def admitted(self, label: str) -> set[str]:
+        """The values of ``label`` admitted so far: the live set, read on the event thread."""
+        return self._seen[label]
+
     def release(self, label: str, value: str) -> None:
         """Free the slot of a value that is gone (a purged worker)."""
         self._seen[label].discard(value)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from time import time
 from typing import Any, TypeVar
 
 from ..telemetry.metrics import Counter, Gauge, LabelValues, Metrics
 from .hostnames import DROP, KEEP, Rewrite, TaskHosts, rewriter
 from .labels import OTHER, LabelLimiter
 from .missed import MissedEvents
+from .objectives import TaskTargets
 from .task import (
     FINAL,
     UNKNOWN,
@@ -73,6 +75,8 @@ class Tracker:
         task_hostname_rewrite: Sequence[Rewrite] = (),
         flower: FlowerHooks | None = None,
         recent_tasks: int = 0,
+        task_objectives: Mapping[str, float] | None = None,
+        task_expected_intervals: Mapping[str, float] | None = None,
     ) -> None:
         self.metrics = metrics
         self.spans = spans
@@ -117,6 +121,7 @@ class Tracker:
         self._rejected = counter("celery_task_rejected_total")
         self._revoked = counter("celery_task_revoked_total")
         self._runtime = histogram("celery_task_runtime_seconds")
+        self._last_succeeded = metrics.gauge("celery_task_last_succeeded_timestamp_seconds")
         self._failed_runtime = histogram("celery_task_failed_runtime_seconds")
         self._interrupted = counter("celery_task_interrupted_total")
         self._missed = MissedEvents(counter("celery_exporter_events_missed_total"))
@@ -150,6 +155,11 @@ class Tracker:
             self._trace(spans)
         if on_failure is not None:  # chained once, like the span hooks: off costs nothing
             self._on_task["task-failed"] = _then(self._on_task["task-failed"], on_failure)
+        self._targets = None  # matched at the tick, never per event; off without globs
+        if task_objectives or task_expected_intervals:
+            self._targets = TaskTargets(metrics, task_objectives or {},
+                                        task_expected_intervals or {},
+                                        self.label.admitted("name"))  # fmt: skip
         if flower is not None:
             self._chain_flower(flower)
         if recent_tasks:  # last: the hooks drop what the span hooks and the failure list read
@@ -216,6 +226,8 @@ class Tracker:
             reconciliations.popleft().apply(self, now)
         self._tracked.set((), len(self.tasks))
         self._count_running()
+        if self._targets is not None:
+            self._targets.tick()
 
     def records(self) -> tuple[list[tuple[str, Task]], list[tuple[str, Task]]]:
         """Copies of the tasks in flight (least recently active first) and the finished ones
@@ -515,7 +527,12 @@ class Tracker:
     def _on_succeeded(self, task: Task, event: Event) -> None:
         hostname = self.label("hostname", event["hostname"])
         self._succeeded.inc((task.name, hostname, task.queue))
-        self._runtime.observe((task.name, task.queue), max(0.0, event["runtime"]))
+        key = (task.name, task.queue)
+        self._runtime.observe(key, max(0.0, event["runtime"]))
+        # The worker's clock, never ahead of this one: a worker clock hours fast must
+        # not keep a periodic task that stopped looking fresh for hours.
+        finished, now = event["timestamp"], time()
+        self._last_succeeded.set(key, finished if finished < now else now)
 
     def _on_failed(self, task: Task, event: Event) -> None:
         hostname = self.label("hostname", event["hostname"])
