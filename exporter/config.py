@@ -12,18 +12,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from . import __version__
+from .parsers import (
+    Parser,
+    integer,
+    parse_boolean,
+    parse_buckets,
+    parse_choice,
+    parse_labels,
+    parse_number,
+    parse_options,
+    parse_rewrites,
+    parse_task_globs,
+    parse_text,
+    parse_text_list,
+    parse_web_config_file,
+)
 from .telemetry.metrics import DEFAULT_RUNTIME_BUCKETS, DEFAULT_WAIT_BUCKETS
 from .track import hostnames
-from .web import webconfig
 
 ENV_PREFIX = "CELERY_EXPORTER_"
 PROG = "celery-events-exporter"
@@ -33,197 +46,12 @@ class ConfigError(ValueError):
     """A configuration mistake, worded for a one-line message."""
 
 
-Parser = Callable[[Any], Any]
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str | int | float) or isinstance(value, bool):
-        raise ValueError(f"expected text, got {value!r}")
-    return str(value)
-
-
-def integer(low: int, high: int | None = None) -> Parser:
-    """A parser of whole numbers from ``low`` to ``high``, for options and variables alike."""
-
-    def parse(value: Any) -> int:
-        try:
-            number = int(value) if not isinstance(value, bool | float) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None or number < low or (high is not None and number > high):
-            bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
-            raise ValueError(f"expected an integer {bounds}, got {value!r}")
-        return number
-
-    return parse
-
-
-def _number(low: float = 0.0, high: float | None = None, *, exclusive: bool = False) -> Parser:
-    """A parser of numbers from ``low`` to ``high``; ``exclusive``, strictly between them."""
-
-    def parse(value: Any) -> float:
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        top = high if high is not None else float("inf")
-        inside = number is not None and (low < number < top if exclusive else low <= number <= top)
-        if not inside:
-            if exclusive:
-                below = f" and below {high:g}" if high is not None else ""
-                bounds = f"above {low:g}{below}"
-            else:
-                bounds = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
-            raise ValueError(f"expected a number {bounds}, got {value!r}")
-        return number
-
-    return parse
-
-
-def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _choice(*choices: str) -> Parser:
-    def parse(value: Any) -> str:
-        text = str(value).strip().lower()
-        if text not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
-        return text
-
-    return parse
-
-
-def _items(value: Any) -> list[Any]:
-    """A list from YAML, from repeated flags, or from comma-separated text."""
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    if isinstance(value, list | tuple):
-        return [
-            item for part in value for item in (_items(part) if isinstance(part, str) else [part])
-        ]
-    raise ValueError(f"expected a list, got {value!r}")
-
-
-def _text_list(value: Any) -> tuple[str, ...]:
-    return tuple(_text(item) for item in _items(value))
-
-
-def _buckets(value: Any) -> tuple[float, ...]:
-    bounds = [_number(low=1e-9)(item) for item in _items(value)]
-    if not bounds or bounds != sorted(set(bounds)):
-        raise ValueError(f"expected increasing positive numbers, got {value!r}")
-    return tuple(bounds)
-
-
-def _pairs(value: Any, convert: Callable[[str], Any]) -> dict[str, Any]:
-    """A YAML mapping, repeated ``key=value`` flags, or text: a JSON object or
-    comma-separated ``key=value`` items (from the environment)."""
-    if isinstance(value, str) and value.lstrip().startswith("{"):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ValueError(f"expected a JSON object, got {value!r}") from None
-    if isinstance(value, Mapping):
-        return {_text(key): item for key, item in value.items()}
-    pairs = {}
-    for item in value if isinstance(value, list | tuple) else _items(value):
-        key, sep, text = str(item).partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"expected key=value, got {item!r}")
-        pairs[key.strip()] = convert(text.strip())
-    return pairs
-
-
-def _glob(text: str) -> str:
-    """A task name glob as ``fnmatch`` reads it. fnmatch takes any text, reading an
-    unclosed ``[`` as a plain character: refused, as a mistake rather than a name."""
-    if not text:
-        raise ValueError("expected a glob of task names, got an empty one")
-    start = text.find("[")
-    while start >= 0:
-        inner = start + 1 + (text[start + 1 : start + 2] == "!")
-        inner += text[inner : inner + 1] == "]"  # a leading ] belongs to the set
-        end = text.find("]", inner)
-        if end < 0:
-            raise ValueError("not a glob: a '[' is never closed")
-        start = text.find("[", end + 1)
-    return text
-
-
-def _task_globs(parse_value: Parser) -> Parser:
-    """GLOB=VALUE pairs in the order given (the first glob a task name matches wins)."""
-
-    def parse(value: Any) -> dict[str, Any]:
-        globs = {}
-        for glob, item in _pairs(value, str).items():
-            try:
-                globs[_glob(glob)] = parse_value(item)
-            except ValueError as exc:
-                raise ValueError(f"{glob!r}: {exc}" if glob else str(exc)) from None
-        return globs
-
-    return parse
-
-
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _labels(value: Any) -> dict[str, str]:
-    labels = {key: _text(item) for key, item in _pairs(value, str).items()}
-    for key in labels:
-        if not key.isidentifier() or key.startswith("__"):
-            raise ValueError(f"{key!r} is not a valid Prometheus label name")
-    return labels
-
-
-def _options(value: Any) -> dict[str, Any]:
-    return _pairs(value, _json_or_text)
-
-
-def _web_config_file(value: Any) -> str:
-    """The path, once the file loads: its mistakes stop the start like any other."""
-    path = _text(value)
-    if path:
-        webconfig.load(path)
-    return path
-
-
-def _rewrites(value: Any) -> tuple[hostnames.Rewrite, ...]:
-    """Rules from YAML (a mapping of ``pattern`` and ``replacement``, or a list of them), from
-    repeated ``PATTERN=REPLACEMENT`` flags, or from the environment (JSON, or one rule as
-    text). Split at the last ``=``, since a pattern may hold one and a replacement needs none."""
-    if isinstance(value, str) and value.lstrip().startswith(("{", "[")):
-        value = _json_or_text(value)  # a pattern may start with a bracket too
-    rules = []
-    for item in value if isinstance(value, list | tuple) else [value]:
-        if isinstance(item, Mapping) and set(item) == {"pattern", "replacement"}:
-            pattern, replacement = _text(item["pattern"]), _text(item["replacement"])
-        elif isinstance(item, str) and "=" in item:
-            pattern, _, replacement = item.rpartition("=")
-        else:
-            raise ValueError(f"expected pattern and replacement, got {item!r}")
-        rules.append(hostnames.compile_rewrite(pattern, replacement))
-    return tuple(rules)
-
-
 def option(
     default: Any,
     help: str,
     *,
     group: str,
-    parse: Parser = _text,
+    parse: Parser = parse_text,
     metavar: str | None = None,
     repeat: bool = False,
 ) -> Any:
@@ -256,7 +84,7 @@ class Config:
         "kombu transport option key=value (repeatable); values parse as JSON where they "
         "can, e.g. master_name=mymaster, global_keyprefix=app:.",
         group=BROKER,
-        parse=_options,
+        parse=parse_options,
         metavar="KEY=VALUE",
         repeat=True,
     )
@@ -265,7 +93,7 @@ class Config:
         "TLS option key=value for rediss:// and amqps:// (repeatable), e.g. "
         "ca_certs=/etc/ssl/ca.pem, certfile=..., keyfile=..., cert_reqs=CERT_REQUIRED.",
         group=BROKER,
-        parse=_options,
+        parse=parse_options,
         metavar="KEY=VALUE",
         repeat=True,
     )
@@ -279,14 +107,14 @@ class Config:
         5.0,
         "AMQP: seconds an event may wait in the receiving queue (x-message-ttl).",
         group=EVENTS,
-        parse=_number(0.001),
+        parse=parse_number(0.001),
         metavar="SECONDS",
     )
     event_queue_expires: float = option(
         60.0,
         "AMQP: seconds the receiving queue outlives a lost connection (x-expires).",
         group=EVENTS,
-        parse=_number(1.0),
+        parse=parse_number(1.0),
         metavar="SECONDS",
     )
     enable_events: bool = option(
@@ -294,13 +122,13 @@ class Config:
         "Broadcast Celery's enable_events control command, so workers started without "
         "-E send task events.",
         group=EVENTS,
-        parse=_boolean,
+        parse=parse_boolean,
     )
     enable_events_interval: float = option(
         30.0,
         "Seconds between enable_events broadcasts (workers that start later get it too).",
         group=EVENTS,
-        parse=_number(0.1),
+        parse=parse_number(0.1),
         metavar="SECONDS",
     )
     max_tracked_tasks: int = option(
@@ -322,7 +150,7 @@ class Config:
         "first glob a name matches wins), e.g. 'payments.*=0.999', '*=0.99': exported as "
         "celery_task_objective_ratio for the burn-rate alerts.",
         group=TASKS,
-        parse=_task_globs(_number(0.0, 1.0, exclusive=True)),
+        parse=parse_task_globs(parse_number(0.0, 1.0, exclusive=True)),
         metavar="GLOB=RATIO",
         repeat=True,
     )
@@ -332,7 +160,7 @@ class Config:
         "first glob a name matches wins): exported as celery_task_expected_interval_seconds "
         "for CeleryTaskNotSucceededRecently.",
         group=TASKS,
-        parse=_task_globs(_number(0.0, exclusive=True)),
+        parse=parse_task_globs(parse_number(0.0, exclusive=True)),
         metavar="GLOB=SECONDS",
         repeat=True,
     )
@@ -340,7 +168,7 @@ class Config:
         30.0,
         "Seconds without a heartbeat before a worker counts as down.",
         group=WORKERS,
-        parse=_number(1.0),
+        parse=parse_number(1.0),
         metavar="SECONDS",
     )
     purge_offline_after: float = option(
@@ -349,7 +177,7 @@ class Config:
         "0) before all of its series are removed; workers that said goodbye go after "
         "--worker-timeout.",
         group=WORKERS,
-        parse=_number(1.0),
+        parse=parse_number(1.0),
         metavar="SECONDS",
     )
     inspect_interval: float = option(
@@ -357,14 +185,14 @@ class Config:
         "Seconds between inspect rounds asking workers for their pool size, prefetch limit "
         "and queues (Celery's stats and active_queues); 0 turns them off.",
         group=WORKERS,
-        parse=_number(0.0),
+        parse=parse_number(0.0),
         metavar="SECONDS",
     )
     inspect_timeout: float = option(
         2.0,
         "Seconds an inspect round waits for replies.",
         group=WORKERS,
-        parse=_number(0.1),
+        parse=parse_number(0.1),
         metavar="SECONDS",
     )
     queues: tuple[str, ...] = option(
@@ -372,42 +200,42 @@ class Config:
         "Queues whose length to probe, comma-separated; queues named by task-sent events "
         "and the default queue are probed too.",
         group=QUEUES,
-        parse=_text_list,
+        parse=parse_text_list,
         metavar="A,B,...",
     )
     queue_poll_interval: float = option(
         15.0,
         "Seconds between queue length probes.",
         group=QUEUES,
-        parse=_number(0.1),
+        parse=parse_number(0.1),
         metavar="SECONDS",
     )
     queue_probe_timeout: float = option(
         5.0,
         "Seconds one queue probe may take before it counts as failed.",
         group=QUEUES,
-        parse=_number(0.1),
+        parse=parse_number(0.1),
         metavar="SECONDS",
     )
     runtime_buckets: tuple[float, ...] = option(
         DEFAULT_RUNTIME_BUCKETS,
         "Bucket bounds (seconds) of celery_task_runtime_seconds.",
         group=METRICS,
-        parse=_buckets,
+        parse=parse_buckets,
         metavar="S,S,...",
     )
     wait_buckets: tuple[float, ...] = option(
         DEFAULT_WAIT_BUCKETS,
         "Bucket bounds (seconds) of the queue and prefetch wait histograms.",
         group=METRICS,
-        parse=_buckets,
+        parse=parse_buckets,
         metavar="S,S,...",
     )
     static_labels: dict[str, str] = option(
         {},
         "Constant label key=value added to every series (repeatable).",
         group=METRICS,
-        parse=_labels,
+        parse=parse_labels,
         metavar="KEY=VALUE",
         repeat=True,
     )
@@ -425,7 +253,7 @@ class Config:
         "hostname label of task families (celery_task_*): keep, or drop to sum them over "
         "workers at the source; worker families keep it either way.",
         group=METRICS,
-        parse=_choice(hostnames.KEEP, hostnames.DROP),
+        parse=parse_choice(hostnames.KEEP, hostnames.DROP),
         metavar="MODE",
     )
     task_hostname_rewrite: tuple[hostnames.Rewrite, ...] = option(
@@ -434,7 +262,7 @@ class Config:
         r"\1 or \g<name>; repeatable, the first matching rule applies), e.g. "
         r"'^(celery@.+)-[0-9a-f]{8,10}-[0-9a-z]{5}$=\1' folds a Deployment's pods into one.",
         group=METRICS,
-        parse=_rewrites,
+        parse=parse_rewrites,
         metavar="PATTERN=REPLACEMENT",
         repeat=True,
     )
@@ -451,7 +279,7 @@ class Config:
         "Prometheus exporter-toolkit web config (YAML): TLS, client certificates and basic "
         "auth users; re-read when it changes.",
         group=HTTP,
-        parse=_web_config_file,
+        parse=parse_web_config_file,
         metavar="FILE",
     )
     recent_failures: int = option(
@@ -467,7 +295,7 @@ class Config:
         "Also serve Flower 2.x's metric families (flower_events_total, ...) under Flower's "
         "names and labels, for dashboards and checks made for Flower's /metrics.",
         group=METRICS,
-        parse=_boolean,
+        parse=parse_boolean,
     )
     recent_tasks: int = option(
         10_000,
@@ -482,28 +310,28 @@ class Config:
         "Export OpenTelemetry spans of tasks (a publish, each execution) over OTLP, "
         "configured by the standard OTEL_EXPORTER_OTLP_* variables (needs the 'tracing' extra).",
         group=TRACING,
-        parse=_boolean,
+        parse=parse_boolean,
     )
     trace_sample_ratio: float = option(
         1.0,
         "Share of workflows traced, chosen by root task id so a workflow is kept or dropped "
         "whole; OTEL_TRACES_SAMPLER instead, when set.",
         group=TRACING,
-        parse=_number(0.0, 1.0),
+        parse=parse_number(0.0, 1.0),
         metavar="RATIO",
     )
     log_level: str = option(
         "info",
         "Log level.",
         group=LOGS,
-        parse=_choice("debug", "info", "warning", "error"),
+        parse=parse_choice("debug", "info", "warning", "error"),
         metavar="LEVEL",
     )
     log_format: str = option(
         "text",
         "Log format: text, or json (one object per line).",
         group=LOGS,
-        parse=_choice("text", "json"),
+        parse=parse_choice("text", "json"),
         metavar="FORMAT",
     )
     demo: bool = option(
@@ -511,7 +339,7 @@ class Config:
         "Run a demo cluster (a real Celery worker on a temporary "
         "filesystem broker, and a client sending tasks) and export it.",
         group=RUN,
-        parse=_boolean,
+        parse=parse_boolean,
     )
 
     @classmethod
@@ -594,7 +422,7 @@ def add_options(parser: argparse.ArgumentParser, names: Collection[str] | None =
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = meta["help"] + (f" [default: {shown}]" if shown not in ("", {}) else "")
         help_text = help_text.replace("%", "%%")
-        if meta["parse"] is _boolean:
+        if meta["parse"] is parse_boolean:
             group.add_argument(
                 flag_name(spec.name),
                 dest=spec.name,

@@ -11,8 +11,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from .. import __version__
-from ..config import ConfigError, integer
+from ..config import ConfigError
 from ..logs import Throttle
+from ..parsers import integer
 from . import otlp
 from .metrics import Counter
 from .otel import (
