@@ -9,29 +9,31 @@ shows in the stage that caused it:
   read in bulk (``amqp_reader.Frames``);
 * decode: the message body to events (``decode.decode_body``);
 * check: each event's fields (``decode.check_event``);
-* track: each event applied to a fresh tracker (``Tracker.handle``).
+* track: each event applied to a fresh tracker, built as the daemon builds it
+  from its options (defaults, or ``--exporter-args``), hooks included.
 
 Each stage is timed over the whole stream, best of ``REPEATS`` runs: in
 process the noise is another program taking the core, which only slows a run.
 
-    python -m bench.split [--events 200000]
+    python -m bench.split [--events 200000] [--exporter-args '--task-hostname-label drop']
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import hiredis
 
 from exporter.broker.amqp_reader import BODY, HEADER, READ_BYTES, Frames, method_frame
+from exporter.config import load
+from exporter.daemon import Daemon
 from exporter.decode import check_event, decode_body, unwrap_redis_envelope
-from exporter.telemetry.metrics import Metrics
-from exporter.track.tracker import Tracker
 
 from .traffic import EXCHANGE, Message, Traffic
 
@@ -132,8 +134,9 @@ def _best(run: Callable[[], Any]) -> tuple[float, Any]:
     return best, result
 
 
-def split(amqp: bool, batched: bool, events: int) -> dict[str, float]:
-    """µs an event spent in each stage, for one broker and batching."""
+def split(amqp: bool, batched: bool, events: int, argv: Sequence[str] = ()) -> dict[str, float]:
+    """µs an event spent in each stage, for one broker and batching; ``argv``: the
+    exporter's options, for the tracker."""
     stream = messages(amqp, batched, events)
     if amqp:
         receive = _amqp_receive(amqp_deliveries(stream))
@@ -149,16 +152,11 @@ def split(amqp: bool, batched: bool, events: int) -> dict[str, float]:
     seconds["check"], reasons = _best(lambda: [check_event(event) for event in decoded])
     assert not any(reasons), "the bench's own events are invalid"
 
+    options = load(["--broker-url", "redis://127.0.0.1:1/0", *argv], environ={})
+    trackers = [Daemon.build(options).tracker for _ in range(REPEATS)]  # built untimed
+
     def track() -> None:
-        tracker = Tracker(
-            Metrics(),
-            max_tracked_tasks=100_000,
-            default_queue="celery",
-            worker_timeout=30.0,
-            purge_offline_after=86400.0,
-            max_label_values=1000,
-        )
-        handle, arrival = tracker.handle, time.time()
+        handle, arrival = trackers.pop().handle, time.time()
         for event in decoded:
             handle(event, arrival)
 
@@ -176,10 +174,10 @@ def _pmessage(message: Message) -> bytes:
     return b"*4\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
 
 
-def figures(events: int) -> dict[str, dict[str, float]]:
+def figures(events: int, argv: Sequence[str] = ()) -> dict[str, dict[str, float]]:
     """The split for each broker and batching mode."""
     return {
-        f"{broker}_{mode}": split(broker == "rabbitmq", mode == "batched", events)
+        f"{broker}_{mode}": split(broker == "rabbitmq", mode == "batched", events, argv)
         for broker in ("redis", "rabbitmq")
         for mode in ("unbatched", "batched")
     }
@@ -201,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.split", description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--exporter-args", default="", help="the exporter's options for the tracker, as one string"
+    )
     args = parser.parse_args(argv)
-    result = figures(args.events)
+    result = figures(args.events, shlex.split(args.exporter_args))
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 
