@@ -16,6 +16,9 @@ import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from ..telemetry.metrics import Metrics
+from .labels import LabelLimiter
+
 KEEP, DROP = "keep", "drop"
 
 
@@ -72,3 +75,19 @@ class TaskHosts(dict[str, str]):
     def __missing__(self, hostname: str) -> str:
         value = self[hostname] = self._limit(self._rewrite(hostname))
         return value
+
+
+def fold_task_hostname(
+    metrics: Metrics, mode: str, rules: Sequence[Rewrite], max_label_values: int
+) -> TaskHosts | None:
+    """Set the task families' ``hostname`` up, once: kept as it is (nothing changes
+    per event), rewritten (a cached lookup per event) or dropped."""
+    if mode == DROP:
+        metrics.fold_task_hostname(None)
+    elif rules:
+        folded = metrics.counter("celery_exporter_label_values_folded_total")
+        limiter = LabelLimiter(max_label_values, folded)
+        hosts = TaskHosts(rewriter(rules), lambda value: limiter("hostname", value))
+        metrics.fold_task_hostname(hosts)
+        return hosts
+    return None

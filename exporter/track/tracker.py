@@ -16,7 +16,7 @@ from time import time
 from typing import Any, TypeVar
 
 from ..telemetry.metrics import Counter, Gauge, LabelValues, Metrics
-from .hostnames import DROP, KEEP, Rewrite, TaskHosts, rewriter
+from .hostnames import KEEP, Rewrite, fold_task_hostname
 from .labels import OTHER, LabelLimiter
 from .missed import MissedEvents
 from .objectives import TaskTargets
@@ -95,8 +95,8 @@ class Tracker:
         self.label = LabelLimiter(
             max_label_values, metrics.counter("celery_exporter_label_values_folded_total")
         )
-        self._task_hosts = self._fold_task_hostname(
-            task_hostname_label, task_hostname_rewrite, max_label_values
+        self._task_hosts = fold_task_hostname(
+            metrics, task_hostname_label, task_hostname_rewrite, max_label_values
         )
         self._queue_by_name: dict[str, str] = {}
         self._prefetched: dict[str, int] = {}
@@ -242,21 +242,6 @@ class Tracker:
     def queues_seen(self) -> set[str]:
         """Queues named by task-sent events, for the queue probes; safe from any thread."""
         return set(list(self._queue_by_name.values())) - {OTHER}
-
-    def _fold_task_hostname(
-        self, mode: str, rules: Sequence[Rewrite], max_label_values: int
-    ) -> TaskHosts | None:
-        """Set the task families' ``hostname`` up, once: kept as it is (nothing changes
-        per event), rewritten (a cached lookup per event) or dropped."""
-        if mode == DROP:
-            self.metrics.fold_task_hostname(None)
-        elif rules:
-            folded = self.metrics.counter("celery_exporter_label_values_folded_total")
-            limiter = LabelLimiter(max_label_values, folded)
-            hosts = TaskHosts(rewriter(rules), lambda value: limiter("hostname", value))
-            self.metrics.fold_task_hostname(hosts)
-            return hosts
-        return None
 
     # Task table.
 
