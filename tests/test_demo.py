@@ -15,9 +15,12 @@ from tests.servers import wait_for
 
 # Families a one-worker filesystem cluster cannot show: consumers are reported by
 # RabbitMQ only, nothing in the demo passes the label cap, it exports no traces, and
-# its worker is never lost. Flower's families are off by default.
+# its worker is never lost, and it sets no objectives or expected intervals. Flower's
+# families are off by default.
 NOT_IN_DEMO = {
     "celery_queue_consumers",
+    "celery_task_objective_ratio",
+    "celery_task_expected_interval_seconds",
     "celery_exporter_label_values_folded_total",
     "celery_exporter_spans_total",
     "celery_task_interrupted_total",
