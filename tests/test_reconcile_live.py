@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 import redis
 
 from exporter.track.reconcile import REASONS
+from tests import test_queues
 from tests.celery_app import make_app
 from tests.harness import ExporterProcess, InProcessExporter, wait_up
 from tests.servers import RedisServer, wait_for
@@ -24,13 +24,7 @@ OPTIONS = ["--worker-timeout", str(TIMEOUT), "--inspect-interval", "5"]
 SLEEP = {"name": "tests.sleep", "queue": "celery"}
 
 
-@pytest.fixture
-def exporters() -> Iterator[list[InProcessExporter]]:
-    """Exporters a test starts, stopped after it."""
-    started: list[InProcessExporter] = []
-    yield started
-    for exporter in started:
-        exporter.stop()
+exporters = test_queues.exporters  # the fixture: exporters a test starts, stopped after it
 
 
 def start(exporters: list[InProcessExporter], url: str) -> InProcessExporter:
@@ -40,6 +34,23 @@ def start(exporters: list[InProcessExporter], url: str) -> InProcessExporter:
         lambda: exporter.sample("celery_exporter_broker_connected") == 1,
         timeout=20,
         message="exporter never connected",
+    )
+    return exporter
+
+
+def running(
+    exporters: list[InProcessExporter], url: str, worker: Any, count: int, seconds: float
+) -> InProcessExporter:
+    """An exporter watching ``worker`` run ``count`` sleeps of ``seconds``."""
+    exporter = start(exporters, url)
+    wait_up(exporter, worker.hostname)
+    app = make_app(url)
+    for _ in range(count):
+        app.send_task("tests.sleep", (seconds,))
+    wait_for(
+        lambda: exporter.sample("celery_task_running", SLEEP) == count,
+        timeout=30,
+        message="the tasks never ran",
     )
     return exporter
 
@@ -119,18 +130,9 @@ def test_after_a_restart_running_and_prefetched_tasks_are_known_at_once(
 def test_a_paused_worker_interrupts_nothing(
     broker: Any, exporters: list[InProcessExporter], worker_factory: Callable[..., Any]
 ) -> None:
-    exporter = start(exporters, broker.url)
     worker = worker_factory(broker.url, concurrency=2)
     host = {"hostname": worker.hostname}
-    wait_up(exporter, worker.hostname)
-    app = make_app(broker.url)
-    for _ in range(2):
-        app.send_task("tests.sleep", (12,))
-    wait_for(
-        lambda: exporter.sample("celery_task_running", SLEEP) == 2,
-        timeout=30,
-        message="the tasks never ran",
-    )
+    exporter = running(exporters, broker.url, worker, 2, 12)
     os.killpg(worker.pgid, signal.SIGSTOP)  # a frozen VM: the worker and its pool
     paused = time.monotonic()
     try:
@@ -159,17 +161,8 @@ def test_a_paused_worker_interrupts_nothing(
 def test_a_killed_workers_tasks_are_interrupted_exactly_within_30_seconds(
     broker: Any, exporters: list[InProcessExporter], worker_factory: Callable[..., Any]
 ) -> None:
-    exporter = start(exporters, broker.url)
     worker = worker_factory(broker.url, concurrency=3)
-    wait_up(exporter, worker.hostname)
-    app = make_app(broker.url)
-    for _ in range(3):
-        app.send_task("tests.sleep", (120,))
-    wait_for(
-        lambda: exporter.sample("celery_task_running", SLEEP) == 3,
-        timeout=30,
-        message="the tasks never ran",
-    )
+    exporter = running(exporters, broker.url, worker, 3, 120)
     worker.kill()
     killed = time.monotonic()
     on_worker = {"hostname": worker.hostname, **SLEEP}
