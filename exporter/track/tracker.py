@@ -253,7 +253,8 @@ class Tracker:
         return uuid in self._finished
 
     def track(self, uuid: str) -> Task:
-        """A new record in the table, for a task its worker told of (inspect)."""
+        """A new record in the table, for a task first seen in an event or told of by its
+        worker (inspect); the least recently active goes when the table is full."""
         task = self.tasks[uuid] = Task(UNKNOWN, self.default_queue)
         if len(self.tasks) > self.max_tracked_tasks:
             self._evict()
@@ -307,12 +308,7 @@ class Tracker:
         """
         task = self._finished.get(uuid)
         if task is None:
-            task = Task(UNKNOWN, self.default_queue)
-            if kind not in FINAL:
-                tasks = self.tasks
-                tasks[uuid] = task
-                if len(tasks) > self.max_tracked_tasks:
-                    self._evict()
+            task = Task(UNKNOWN, self.default_queue) if kind in FINAL else self.track(uuid)
         self._on_task[kind](task, event)
 
     def _finish(self, uuid: str, task: Task) -> Task:
