@@ -25,6 +25,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -228,15 +229,28 @@ def wait_for_alert(prometheus: Prometheus, name: str, /, **labels: str) -> None:
 
 
 def wait_for_rules(prometheus: Prometheus) -> None:
-    """Wait until the recording rules have been evaluated on everything scraped so far.
+    """Wait until every rule group has been evaluated on everything scraped so far.
 
-    A recorded sample carries its evaluation's timestamp, and an evaluation
-    reads the samples scraped before it.
+    An evaluation reads the samples scraped before it, and each group runs on
+    its own phase of the interval: a panel on one group's recordings can be
+    empty a second after another group has caught up.
     """
     now = time.time()
-    probe = f'timestamp(name:celery_task_failed:rate5m{{job="{JOB}",name="{FAILING_TASK}"}})'
-    wait_for(lambda: (prometheus.value(probe) or 0) > now, TIMEOUT,
-             f"recording rules not evaluated since {now}: {probe}")  # fmt: skip
+
+    def stale_groups() -> list[str]:
+        groups = prometheus.api("rules")["data"]["groups"]
+        return [group["name"] for group in groups
+                if rfc3339_seconds(group["lastEvaluation"]) <= now]  # fmt: skip
+
+    wait_for(lambda: not stale_groups(), TIMEOUT,
+             lambda: f"rule groups not evaluated since {now}: {stale_groups()}")  # fmt: skip
+
+
+def rfc3339_seconds(stamp: str) -> float:
+    """Prometheus' evaluation time (UTC, up to nanoseconds) as a Unix time."""
+    whole, _, fraction = stamp.removesuffix("Z").partition(".")
+    moment = datetime.fromisoformat(whole).replace(tzinfo=UTC)
+    return moment.timestamp() + float(f"0.{fraction or 0}")
 
 
 @pytest.fixture(scope="module", params=["keep", "drop"])
