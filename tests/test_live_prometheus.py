@@ -50,7 +50,7 @@ TASK = "tests.add"
 FAILING_TASK = "tests.fail"
 FAILURES = 30
 SUCCESSES = 5
-REDIS_DB = 7
+REDIS_DB = 11  # a database of its own: no other test's worker publishes here
 TIMEOUT = 30.0  # seconds any one condition may take to show in Prometheus
 # Dashboard variables: the concrete job and task; the built-ins as Grafana
 # would set them for a 1 h range on a 15 s scrape; any other one (queue,
