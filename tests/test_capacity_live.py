@@ -31,6 +31,7 @@ from tests.test_live_prometheus import (
     panel_targets,
     substitute_variables,
     wait_for_alert,
+    wait_for_rules,
     wait_for_value,
 )
 
@@ -94,6 +95,7 @@ def live(
         wait_for_value(prometheus, f'queue:celery_worker_tasks_active:sum{{queue="{QUEUE}"}}',
                        RUNNING)  # fmt: skip
         wait_for_value(prometheus, f'queue:celery_queue_length:max{{queue="{QUEUE}"}}', WAITING)
+        wait_for_rules(prometheus)
         yield Live(prometheus, tuple(worker.hostname for worker in workers))
     finally:
         if prometheus is not None:
